@@ -1,0 +1,170 @@
+"""LoRA configuration: PEFT's field names, validated at construction, JSON round-trip.
+
+A PEFT ``adapter_config.json`` loads as is (unknown keys are warned about and kept aside), and
+``to_dict()`` writes the keys PEFT expects, so our adapters load in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+# names PEFT accepts for init_lora_weights that mean "A random, B zero"
+_INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "pissa_niter", "olora", "loftq", "eva", "orthogonal")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8  # rank of the update ΔW = B·A; trainable params per Linear = r·(in + out)
+    lora_alpha: float = 8  # ΔW is scaled by lora_alpha / r (or / √r with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the LoRA path's input only; the base path never sees it
+    target_modules: list[str] | str | None = None  # name suffixes, a full-match regex, or "all-linear"
+    exclude_modules: list[str] | str | None = None  # same syntax; wins over target_modules
+    target_parameters: list[str] | None = None  # raw weights such as "rnn.weight_ih_l0" (LSTM/GRU)
+    bias: str = "none"  # which biases train: none, all, lora_only (those of LoRA-wrapped layers)
+    modules_to_save: list[str] | None = None  # modules trained in full and saved, e.g. a classifier head
+    fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
+    init_lora_weights: bool | str = True  # True: Kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too
+    use_rslora: bool = False  # rank-stabilised scaling α/√r
+    use_dora: bool = False  # weight-decomposed LoRA (see lorakit.variants)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex on module name -> r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex on module name -> alpha
+    layers_to_transform: list[int] | int | None = None  # only these layer indices
+    layers_pattern: list[str] | str | None = None  # the name before the layer index, e.g. "layers"
+    task_type: str | None = None  # PEFT's task type (CAUSAL_LM, SEQ_CLS, ...), kept for interop
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False  # loaded frozen (PEFT's flag); training flips it off
+    revision: str | None = None
+    peft_type: str = "LORA"
+    # keys read from a file that we don't know; kept so a round-trip loses nothing
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer (the LoRA rank), got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in _INIT_MODES:
+            raise ConfigError(f"init_lora_weights must be one of {_INIT_MODES}, got {self.init_lora_weights!r}")
+        if self.target_modules is None and not self.target_parameters:
+            raise ConfigError(
+                "target_modules is required: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']), "
+                "a regex string, or 'all-linear'"
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            _check_regex("target_modules", self.target_modules)
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                _check_regex(f"{name} key", key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+                if name == "rank_pattern" and int(value) != value:
+                    raise ConfigError(f"rank_pattern[{key!r}] must be an integer rank, got {value!r}")
+        if self.use_dora and self.use_rslora is None:
+            raise ConfigError("use_rslora must be a bool")
+
+    # ------------------------------------------------------------------ per-module values
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        """α/r, or α/√r with rsLoRA, with this module's rank and alpha patterns applied."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / (r**0.5) if self.use_rslora else alpha / r
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {**self.extra, **out}
+        out["peft_type"] = self.peft_type
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        peft_type = str(kwargs.get("peft_type", "LORA")).upper()
+        if peft_type != cls.peft_type_expected():
+            raise ConfigError(f"adapter config has peft_type {peft_type!r}; {cls.__name__} reads 'LORA'")
+        # PEFT keys we accept but don't act on: warn only for those that change the math
+        ignored = {
+            k
+            for k, v in extra.items()
+            if k in _MATH_KEYS and v not in (None, False, [], {}, "", _MATH_KEYS[k])
+        }
+        if ignored:
+            warnings.warn(
+                f"adapter config sets {sorted(ignored)}, which lorakit does not implement; they are ignored",
+                stacklevel=2,
+            )
+        if isinstance(kwargs.get("target_modules"), list | set | tuple):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def peft_type_expected(cls) -> str:
+        return "LORA"
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# PEFT LoRA keys that alter the computation if set to a non-default value
+_MATH_KEYS: dict[str, Any] = {
+    "use_qalora": False,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "layer_replication": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "megatron_config": None,
+}
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: the first key whose regex matches the end of the name at a dot boundary."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None

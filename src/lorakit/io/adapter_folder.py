@@ -1,0 +1,112 @@
+"""Adapter folders in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Writes are atomic per file (temporary file in the same folder, fsync, ``os.replace``), the weights
+before the config, so an interrupted save leaves either the previous complete folder or no
+config at all, never a config that points at half-written weights. Reads never unpickle: a
+legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from lorakit.errors import AdapterLoadError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_adapter_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         metadata: dict[str, str] | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared or non-contiguous storage: give each tensor its own
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", **(metadata or {})}))
+    text = json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n"
+    atomic_write_bytes(folder / CONFIG_NAME, text.encode())
+    return folder
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a PEFT-format adapter folder, or a clear AdapterLoadError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterLoadError(f"{folder} is not a folder; pass the adapter folder that holds {CONFIG_NAME}")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        subdirs = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+        hint = f" It has adapter subfolders: {', '.join(subdirs)}." if subdirs else ""
+        raise AdapterLoadError(f"{folder} is not an adapter folder: {CONFIG_NAME} is missing.{hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            tensors = st_load(weights.read_bytes())
+        except (SafetensorError, ValueError, OSError) as exc:
+            raise AdapterLoadError(
+                f"{weights} is truncated or corrupt ({exc}); re-save or re-download the adapter"
+            ) from None
+    elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+        try:
+            tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for bad pickles
+            raise AdapterLoadError(
+                f"{folder / LEGACY_WEIGHTS_NAME} could not be read safely ({type(exc).__name__}: {exc}); "
+                "lorakit never unpickles arbitrary objects — convert it to safetensors"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterLoadError(f"{folder / LEGACY_WEIGHTS_NAME} does not hold a dict of tensors")
+    else:
+        raise AdapterLoadError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete")
+    return config, tensors

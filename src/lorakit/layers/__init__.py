@@ -1,0 +1,35 @@
+"""LoRA layers: a wrapped base module plus named adapters (see base.py for the shared math)."""
+
+from lorakit.layers.base import LoraAdapter, LoraLayer, RowRouting
+from lorakit.layers.conv import LoraConv
+from lorakit.layers.embedding import LoraEmbedding
+from lorakit.layers.linear import LoraLinear, is_conv1d, is_linear_like
+from lorakit.layers.param import LoraParameter
+
+__all__ = [
+    "LoraAdapter",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraParameter",
+    "RowRouting",
+    "is_conv1d",
+    "is_linear_like",
+    "wrap_module",
+]
+
+
+def wrap_module(module):
+    """The LoRA layer class for `module`, or None when LoRA can't wrap it."""
+    import torch.nn as nn
+
+    if isinstance(module, LoraLayer):
+        return None
+    if is_linear_like(module):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(module)
+    return None

@@ -1,0 +1,271 @@
+"""What every LoRA layer shares: named adapters around a wrapped base module.
+
+A layer computes ``h = base(x) + Σ_active scaling · B·A·dropout(x)`` where the product B·A is
+never formed in the forward pass: the input goes through A (rank r) and then through B. The
+weight delta ``scaling · B·A`` is formed in exactly one place, :meth:`LoraLayer.delta_weight`,
+which merge, unmerge, inspection and export all use.
+
+Subclasses describe their geometry with three small methods:
+
+* ``project_a(x, A)``: the input through A, giving the rank-r activations ``u``;
+* ``project_b(u, B)``: ``u`` through B, giving a tensor shaped like the base output;
+* ``delta_from(A, B)``: the dense weight delta in the base weight's layout.
+
+The mixed-batch path (one adapter per row) reuses them with the active adapters' factors
+concatenated along the rank axis and a 0/1 mask per row, so a batch that mixes k adapters costs
+two matmuls of rank Σr — never a Python loop over rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from lorakit.errors import AdapterError
+
+
+class LoraAdapter(nn.Module):
+    """The trainable factors of one adapter on one layer: ΔW = scaling · B·A.
+
+    ``lora_a`` is (r, in, *kernel) and ``lora_b`` is (out, r, *1s). Variants (``lorakit.variants``)
+    subclass this, set ``custom_math = True`` and override ``output``, ``delta``, ``merge_into`` and
+    ``unmerge_from``; the layer then routes through those instead of its fast paths.
+    """
+
+    custom_math = False
+
+    def __init__(self, a_shape: Sequence[int], b_shape: Sequence[int], rank: int, alpha: float,
+                 scaling: float, dropout: float):
+        super().__init__()
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = scaling
+        self.lora_a = nn.Parameter(torch.empty(*a_shape))
+        self.lora_b = nn.Parameter(torch.empty(*b_shape))
+        # nn.Identity when p == 0 so the input is never copied (torchtune does the same)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}"
+
+    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
+        """attribute -> PEFT's tensor-name suffix (variants add their extra tensors)."""
+        return dict(layer.peft_keys)
+
+    # The four hooks a variant overrides. `layer` supplies the geometry (project_a/b, delta_from).
+    def delta(self, layer: LoraLayer) -> torch.Tensor:
+        """ΔW = scaling · B·A in the base weight's layout, fp32."""
+        return layer.delta_from(self.lora_a.float(), self.lora_b.float()) * self.scaling
+
+    def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer output with this adapter applied on top of `result` (the base output)."""
+        x = layer.cast_input(x, self.lora_a.dtype)
+        u = layer.project_a(self.dropout(x), self.lora_a) * self.scaling  # (..., r)
+        return result + layer.project_b(u, self.lora_b).to(result.dtype)
+
+    def merge_into(self, layer: LoraLayer, safe: bool = True) -> None:
+        delta = self.delta(layer)
+        if safe and not torch.isfinite(delta).all():
+            raise ValueError("the adapter has NaN/inf weights; refusing to merge it into the base")
+        layer.add_to_base_weight(delta)
+
+    def unmerge_from(self, layer: LoraLayer) -> None:
+        layer.add_to_base_weight(-self.delta(layer))
+
+
+class LoraLayer(nn.Module):
+    """A base module wrapped with any number of named LoRA adapters."""
+
+    # PEFT's tensor-name suffixes for lora_a / lora_b (without the module path)
+    peft_keys: dict[str, str] = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
+        self.disabled = False
+        # set by LoraModel for the duration of one forward: (adapter name per row)
+        self.routing: RowRouting | None = None
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ geometry (subclasses)
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.in_features), (self.out_features, rank)
+
+    def project_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project_b(self, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_placement(self) -> dict:
+        """Device and dtype for new adapter factors: the base's device; fp32 unless the base is fp64.
+
+        Half-precision bases get fp32 adapters, as PEFT does by default: the factors are tiny and
+        Adam updates on bf16 weights lose most of their bits.
+        """
+        param = next(self.base.parameters(), None)
+        if param is None:
+            param = next(self.base.buffers())
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        return {"device": param.device, "dtype": dtype}
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as a dense tensor (dequantised for a 4-bit base)."""
+        if hasattr(self.base, "dequantize"):
+            return self.base.dequantize()
+        return self.base.weight
+
+    def add_to_base_weight(self, delta: torch.Tensor) -> None:
+        """W += delta in place, computed in fp32 and cast back to W's dtype."""
+        if hasattr(self.base, "add_to_weight_"):
+            self.base.add_to_weight_(delta)
+            return
+        weight = self.base.weight
+        weight.data.copy_((weight.data.float() + delta.float()).to(weight.dtype))
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, rank: int, alpha: float, scaling: float, dropout: float,
+                    init: bool | str = True, adapter_cls: type[LoraAdapter] = LoraAdapter) -> LoraAdapter:
+        if name in self.adapters:
+            raise AdapterError(f"this layer already has an adapter named {name!r}")
+        a_shape, b_shape = self.adapter_shapes(rank)
+        adapter = adapter_cls(a_shape, b_shape, rank, alpha, scaling, dropout)
+        adapter.to(**self.adapter_placement())
+        self.reset_adapter(adapter, init)
+        self.adapters[name] = adapter
+        return adapter
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter: LoraAdapter, init: bool | str) -> None:
+        """PEFT's defaults: A Kaiming-uniform (a=√5) or N(0, 1/r); B = 0 so ΔW starts at exactly 0."""
+        if init == "gaussian":
+            nn.init.normal_(adapter.lora_a, std=1 / adapter.rank)
+        else:
+            nn.init.kaiming_uniform_(adapter.lora_a, a=math.sqrt(5))
+        if init is False:  # both random: a non-zero delta, useful for tests
+            nn.init.kaiming_uniform_(adapter.lora_b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(adapter.lora_b)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    # ------------------------------------------------------------------ delta, merge
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · B·A in the base weight's layout, in fp32."""
+        return self.adapters[name].delta(self)
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
+        """W += ΔW for each named (default: active) adapter not yet merged. Idempotent."""
+        for name in names if names is not None else self.active_adapters:
+            if name not in self.adapters or name in self.merged_adapters:
+                continue
+            try:
+                self.adapters[name].merge_into(self, safe=safe)
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from None
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract merged deltas in reverse order of merging (fp32 arithmetic)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.adapters[name].unmerge_from(self)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base(x, *args, **kwargs)
+        result = self.base(x, *args, **kwargs)
+        if self.routing is not None:
+            if self.merged_adapters:
+                raise RuntimeError("a per-row adapter choice needs unmerged adapters: call unmerge_adapter() first")
+            return self.mixed_forward(x, result, self.routing)
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.adapters:
+                continue
+            result = self.adapters[name].output(self, x, result)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """One adapter per row: factors concatenated on the rank axis, masked per row."""
+        present = [(g, n) for g, n in enumerate(routing.names) if n in self.adapters]
+        custom = [(g, n) for g, n in present if self.adapters[n].custom_math]
+        present = [(g, n) for g, n in present if not self.adapters[n].custom_math]
+        if custom:  # variants with their own math: one pass per adapter over its rows
+            result = result.clone()
+            for g, name in custom:
+                rows = (routing.row_index == g).nonzero().squeeze(1).to(x.device)
+                result[rows] = self.adapters[name].output(self, x[rows], result[rows])
+        if not present:
+            return result
+        adapters = [self.adapters[n] for _, n in present]
+        dtype = adapters[0].lora_a.dtype
+        x = self.cast_input(x, dtype)
+        a_cat = torch.cat([ad.lora_a for ad in adapters], dim=0)  # (K, in, ...) with K = Σ r
+        b_cat = torch.cat([ad.lora_b * ad.scaling for ad in adapters], dim=1)  # (out, K, ...)
+        col_owner = torch.cat(
+            [torch.full((ad.rank,), g, device=x.device) for (g, _), ad in zip(present, adapters)]
+        )  # (K,) which adapter each rank column belongs to
+        mask = (routing.row_index.to(x.device)[:, None] == col_owner[None, :]).to(dtype)  # (N, K)
+        if all(isinstance(ad.dropout, nn.Identity) or not self.training for ad in adapters):
+            u = self.project_a(x, a_cat)
+        else:  # dropout differs per adapter: one pass per adapter (not per row)
+            u = torch.cat([self.project_a(ad.dropout(x), ad.lora_a) for ad in adapters], dim=self.rank_dim(x))
+        u = u * self.broadcast_mask(mask, u)
+        return result + self.project_b(u, b_cat).to(result.dtype)
+
+    def cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The input in the adapters' dtype (token ids stay integers)."""
+        return x.to(dtype)
+
+    def rank_dim(self, x: torch.Tensor) -> int:
+        """The axis of the rank-r activations u (last for Linear/Embedding, 1 for Conv)."""
+        return -1
+
+    def broadcast_mask(self, mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(N, K) -> a view that broadcasts against u."""
+        if u.shape[0] != mask.shape[0]:
+            raise ValueError(
+                f"adapter_names has {mask.shape[0]} entries but this layer sees a batch of {u.shape[0]} rows; "
+                "pass one adapter name per row of the input batch"
+            )
+        return mask.view(mask.shape[0], *([1] * (u.dim() - 2)), mask.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}, disabled={self.disabled}"
+
+
+class RowRouting:
+    """Which adapter each batch row uses: ``names[row_index[i]]``, row_index -1 for the base."""
+
+    def __init__(self, row_adapters: Sequence[str | None]):
+        self.names = sorted({n for n in row_adapters if n is not None})
+        lookup = {n: i for i, n in enumerate(self.names)}
+        self.row_index = torch.tensor([lookup[n] if n is not None else -1 for n in row_adapters], dtype=torch.long)
+        self.row_adapters = list(row_adapters)

@@ -1,0 +1,126 @@
+"""LoRA on Linear-like layers: nn.Linear, transformers' Conv1D (GPT-2) and 4-bit linears.
+
+h = W·x + b + scaling · B·(A·dropout(x)),  A: (r, in), B: (out, r)
+
+The training hot path is one autograd function (:class:`_FusedLoraLinear`) that saves the input
+once, never computes a gradient for the frozen W, folds the scaling into the rank-r activations
+and accumulates B's output in place into the base output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lorakit.layers.base import LoraLayer
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D without importing transformers here."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or getattr(module, "lorakit_linear", False)
+
+
+class LoraLinear(LoraLayer):
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool | None = None):
+        super().__init__(base)
+        # Conv1D stores its weight as (in, out)
+        self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
+
+    @property
+    def in_features(self) -> int:
+        if is_conv1d(self.base):
+            return self.base.weight.shape[0]
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        if is_conv1d(self.base):
+            return self.base.weight.shape[1]
+        return self.base.out_features
+
+    def project_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, a)  # (..., in) -> (..., r)
+
+    def project_b(self, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(u, b)  # (..., r) -> (..., out)
+
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        delta = b @ a  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = self._fusable_adapter(x)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base
+        x_lora = adapter.dropout(x)
+        return _FusedLoraLinear.apply(
+            x, x_lora if x_lora is not x else None, base.weight, base.bias, adapter.lora_a, adapter.lora_b,
+            adapter.scaling,
+        )
+
+    def _fusable_adapter(self, x: torch.Tensor):
+        """The single adapter the fused path can run, or None to take the general path."""
+        if self.disabled or self.routing is not None or len(self.active_adapters) != 1:
+            return None
+        if type(self.base) is not nn.Linear or self.base.weight.requires_grad:
+            return None
+        name = self.active_adapters[0]
+        if name in self.merged_adapters or name not in self.adapters:
+            return None
+        adapter = self.adapters[name]
+        if adapter.custom_math:  # variants (DoRA, ...) have their own forward
+            return None
+        if not (x.dtype == adapter.lora_a.dtype == self.base.weight.dtype) or x.device != adapter.lora_a.device:
+            return None
+        return adapter
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x_d·Aᵀ)·Bᵀ with W frozen; x_d is dropout(x) or x itself (None)."""
+
+    @staticmethod
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (T, in)
+        xd2 = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
+        u = xd2 @ lora_a.T  # (T, r)
+        u_scaled = u * scaling
+        if bias is not None:
+            y = torch.addmm(bias, x2, weight.T)  # (T, out)
+        else:
+            y = x2 @ weight.T
+        y.addmm_(u_scaled, lora_b.T)  # in place: no second (T, out) tensor
+        ctx.save_for_backward(x2 if x_drop is None else xd2, u_scaled, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        ctx.shared_input = x_drop is None
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.in_shape = shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd2, u_scaled, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
+        g_b = g @ lora_b  # (T, r): shared by dA and dx
+        grad_x = grad_xd = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = g @ weight  # (T, in); no gradient is ever formed for the frozen W
+            if ctx.shared_input:
+                grad_x.addmm_(g_b, lora_a, alpha=s)
+            else:
+                grad_xd = (s * g_b @ lora_a).view(ctx.in_shape)
+            grad_x = grad_x.view(ctx.in_shape)
+        if ctx.needs_input_grad[4]:
+            grad_a = (g_b.T @ xd2) * s  # (r, in)
+        if ctx.needs_input_grad[5]:
+            grad_b = g.T @ u_scaled  # (out, r)
+        if ctx.bias_grad:
+            grad_bias = g.sum(0)
+        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None

@@ -1,0 +1,394 @@
+"""LoraModel: a model with named LoRA adapters injected in place.
+
+    model = lorakit.get_lora_model(base, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    model(input_ids, adapter_names=["a", "b", None])   # one adapter per row, None = base
+
+The wrapped model is ``self.model``; every attribute it has is reachable through the LoraModel
+(``model.config``, ``model.generate``, ...). Adapter state lives on the layers; this class only
+coordinates them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, AdapterLoadError, ConfigError
+from lorakit.io import read_adapter_folder, write_adapter_folder
+from lorakit.layers import LoraLayer, RowRouting, wrap_module
+from lorakit.layers.param import LoraParameter
+from lorakit.modules_to_save import TrainableCopies
+from lorakit.state_dict import get_adapter_state_dict, load_adapter_state_dict
+from lorakit.targeting import SEQ_CLS_HEAD_NAMES, find_target_modules, find_target_parameters
+from lorakit.variants import adapter_class
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use 1-100 letters, digits, '_' or '-' "
+            "(no path separators, dots or '..': the name becomes a folder and a module key)"
+        )
+    return name
+
+
+class LoraModel(nn.Module):
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapters: list[str] = []
+        self._disabled = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ layers
+    def lora_layers(self) -> Iterator[LoraLayer]:
+        yield from (m for m in self.model.modules() if isinstance(m, LoraLayer))
+
+    def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies]:
+        yield from (m for m in self.model.modules() if isinstance(m, (LoraLayer, TrainableCopies)))
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_name, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter (not activated: call set_adapter). Nothing changes if it fails."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named {adapter_name!r} exists already; delete it or pick another name")
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"config must be a LoraConfig, got {type(config).__name__}")
+        config = _with_seq_cls_head(config, self.model)
+        modules = find_target_modules(self.model, config)
+        params = find_target_parameters(self.model, config)
+        self.peft_config[adapter_name] = config
+        try:
+            for path in modules:
+                self._add_to_module(path, adapter_name, config)
+            for path, param_name in params:
+                self._add_to_parameter(path, param_name, adapter_name, config)
+            for path in self._modules_to_save_paths(config):
+                module = self.model.get_submodule(path)
+                if not isinstance(module, TrainableCopies):
+                    module = TrainableCopies(module)
+                    self._replace(path, module)
+                module.add_adapter(adapter_name)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        self._sync_wrappers()
+        self._update_trainable()
+
+    def _sync_wrappers(self) -> None:
+        """Newly wrapped layers take the model's current active set and enabled state."""
+        for module in self._wrappers():
+            module.active_adapters = list(self.active_adapters)
+            module.disabled = self._disabled
+
+    def _add_to_module(self, path: str, name: str, config: LoraConfig) -> None:
+        layer = self.model.get_submodule(path)
+        if not isinstance(layer, LoraLayer):
+            layer = wrap_module(layer)
+            self._replace(path, layer)
+        if config.fan_in_fan_out and hasattr(layer, "fan_in_fan_out"):
+            layer.fan_in_fan_out = True
+        rank = config.rank_for(path)
+        layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path), config.lora_dropout,
+                          config.init_lora_weights, adapter_class(config, layer))
+
+    def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
+        module = self.model.get_submodule(path) if path else self.model
+        key = f"{path}.{param_name}" if path else param_name
+        layer = _find_param_layer(module, param_name)
+        if layer is None:
+            layer = LoraParameter(module, param_name)
+            self._replace(path, layer)
+        layer.add_adapter(name, config.rank_for(key), config.alpha_for(key), config.scaling_for(key),
+                          config.lora_dropout, config.init_lora_weights)
+
+    def _modules_to_save_paths(self, config: LoraConfig) -> list[str]:
+        wanted = config.modules_to_save or []
+        paths = []
+        for path, module in self.model.named_modules():
+            if any(path == w or path.endswith("." + w) for w in wanted) and ".copies." not in path:
+                if not path.endswith(".original"):
+                    paths.append(path)
+        missing = [w for w in wanted if not any(p == w or p.endswith("." + w) for p in paths)]
+        # PEFT lists both usual head names for SEQ_CLS adapters; a model has only one of them
+        missing = [w for w in missing if not (config.task_type == "SEQ_CLS" and w in SEQ_CLS_HEAD_NAMES)]
+        if missing:
+            raise ConfigError(f"modules_to_save {missing} matched no module of the model")
+        return paths
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; layers left without adapters turn back into the base module."""
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
+                module.delete_adapter(adapter_name)
+        self._unwrap_empty()
+        del self.peft_config[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        if not self.active_adapters and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def _unwrap_empty(self) -> None:
+        changed = True
+        while changed:  # nested parameter wrappers unwrap one level per pass
+            changed = False
+            for path, module in list(self.model.named_modules()):
+                empty_lora = isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
+                empty_copies = isinstance(module, TrainableCopies) and not module.copies
+                if empty_lora or empty_copies:
+                    self._replace(path, module.base if empty_lora else module.original)
+                    changed = True
+                    break
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Make these adapters the active ones (several are summed)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"no adapter named {unknown}; adapters: {sorted(self.peft_config)}")
+        self.active_adapters = names
+        for module in self._wrappers():
+            module.active_adapters = list(names)
+        self._update_trainable()
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def _update_trainable(self) -> None:
+        """Only the active adapters' factors (and their copies) train, unless loaded for inference."""
+        trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
+        for module in self._wrappers():
+            groups = module.adapters if isinstance(module, LoraLayer) else module.copies
+            for name, sub in groups.items():
+                for p in sub.parameters():
+                    p.requires_grad_(name in trainable)
+        for name in trainable:
+            bias = self.peft_config[name].bias
+            if bias == "all":
+                for key, p in self.model.named_parameters():
+                    if key.endswith("bias") and ".adapters." not in key:
+                        p.requires_grad_(True)
+            elif bias == "lora_only":
+                for layer in self.lora_layers():
+                    if name in layer.adapters and getattr(layer.base, "bias", None) is not None:
+                        layer.base.bias.requires_grad_(True)
+
+    # ------------------------------------------------------------------ enable / disable
+    @contextlib.contextmanager
+    def _disabled_ctx(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self.enable_adapters()
+
+    def disable_adapters(self) -> contextlib.AbstractContextManager:
+        """Run the plain base model. Also a context manager: ``with model.disable_adapters(): ...``."""
+        self._set_disabled(True)
+        return self._disabled_ctx()
+
+    def enable_adapters(self) -> None:
+        self._set_disabled(False)
+
+    def _set_disabled(self, value: bool) -> None:
+        self._disabled = value
+        for module in self._wrappers():
+            module.disabled = value
+
+    # ------------------------------------------------------------------ merge
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> None:
+        """W += scaling·B·A in every layer for these (default: active) adapters."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        for layer in self.lora_layers():
+            layer.merge(names, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
+        """Merge, then return the plain base model (its own class, no LoRA modules left)."""
+        self.merge_adapter(adapter_names, safe_merge)
+        return self.unload(_merged=True)
+
+    def unload(self, _merged: bool = False) -> nn.Module:
+        """Remove every LoRA module and return the base model (merged weights stay merged)."""
+        for path, module in sorted(self.model.named_modules(), key=lambda kv: -kv[0].count(".")):
+            if isinstance(module, LoraLayer):
+                self._replace(path, module.base)
+            elif isinstance(module, TrainableCopies):
+                self._replace(path, module.active_copy() if _merged else module.original)
+        self.peft_config.clear()
+        return self.model
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.peft_config})
+        if unknown:
+            raise AdapterError(f"adapter_names has unknown adapters {unknown}; adapters: {sorted(self.peft_config)}")
+        routing = RowRouting(adapter_names)
+        wrappers = list(self._wrappers())
+        for module in wrappers:
+            module.routing = routing
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.routing = None
+
+    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        with self._routing(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        with self._routing(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ reporting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.model.parameters():
+            n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # two 4-bit values per byte
+            total += n
+            trainable += n if p.requires_grad else 0
+        for module in self.model.modules():  # 4-bit bases keep their packed weight as a buffer
+            if getattr(module, "lorakit_linear", False) and not isinstance(getattr(module, "weight", None),
+                                                                            nn.Parameter):
+                total += module.in_features * module.out_features
+        return trainable, total
+
+    def trainable_parameters_report(self) -> str:
+        trainable, total = self.get_nb_trainable_parameters()
+        frozen = total - trainable
+        reduction = 100.0 * (1 - trainable / frozen) if frozen else 0.0
+        return (
+            f"trainable params: {trainable:,} || frozen params: {frozen:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f} || vs full fine-tuning: −{reduction:.1f}%"
+        )
+
+    def print_trainable_parameters(self) -> str:
+        report = self.trainable_parameters_report()
+        print(report)
+        return report
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        selected_adapters: Iterable[str] | None = None) -> None:
+        """One PEFT-format folder per adapter ("default" at the top, others in a subfolder)."""
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        for name in names:
+            config = self.peft_config[name]
+            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            data = config.to_dict()
+            data["inference_mode"] = True
+            if data.get("base_model_name_or_path") is None:
+                data["base_model_name_or_path"] = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            write_adapter_folder(folder, data, get_adapter_state_dict(self.model, name, config.bias))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False) -> LoraModel:
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+        lora_model = cls.__new__(cls)
+        nn.Module.__init__(lora_model)
+        lora_model.model = model
+        lora_model.peft_config, lora_model.active_adapters, lora_model._disabled = {}, [], False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora_model._load(adapter_name, config, tensors)
+        lora_model.set_adapter(adapter_name)
+        return lora_model
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an adapter from a PEFT-format folder. A failed load leaves the model as it was."""
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+        self._load(adapter_name, config, tensors)
+        self._update_trainable()
+
+    def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+        self.add_adapter(name, config)
+        try:
+            load_adapter_state_dict(self.model, name, tensors, config.bias)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Freeze `model`, inject one LoRA adapter as `config` says, and return the LoraModel."""
+    return LoraModel(model, config, adapter_name)
+
+
+def _read_config_and_tensors(adapter_dir, is_trainable: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    data, tensors = read_adapter_folder(adapter_dir)
+    try:
+        config = _config_from_dict(data)
+    except ConfigError as exc:
+        raise AdapterLoadError(f"{Path(adapter_dir) / 'adapter_config.json'}: {exc}") from None
+    config.inference_mode = not is_trainable
+    return config, tensors
+
+
+def _config_from_dict(data: dict) -> LoraConfig:
+    peft_type = str(data.get("peft_type", "LORA")).upper()
+    if peft_type == "LORA":
+        return LoraConfig.from_dict(data)
+    from lorakit.variants import config_class_for_peft_type
+
+    return config_class_for_peft_type(peft_type).from_dict(data)
+
+
+def _find_param_layer(module: nn.Module, param_name: str) -> LoraParameter | None:
+    while isinstance(module, LoraParameter):
+        if module.param_name == param_name:
+            return module
+        module = module.base
+    return None
+
+
+def _with_seq_cls_head(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """PEFT's rule: a SEQ_CLS adapter trains and saves the classifier head in full."""
+    if config.task_type != "SEQ_CLS":
+        return config
+    names = dict(model.named_children())
+    heads = [n for n in SEQ_CLS_HEAD_NAMES if n in names]
+    wanted = list(config.modules_to_save or [])
+    extra = [h for h in heads if h not in wanted]
+    return config.replace(modules_to_save=wanted + extra) if extra else config
