@@ -132,7 +132,7 @@ class LoraModel(nn.Module):
     def _modules_to_save_paths(self, config: LoraConfig) -> list[str]:
         wanted = config.modules_to_save or []
         paths = []
-        for path, module in self.model.named_modules():
+        for path in dict(self.model.named_modules()):
             if any(path == w or path.endswith("." + w) for w in wanted) and ".copies." not in path:
                 if not path.endswith(".original"):
                     paths.append(path)
@@ -147,7 +147,7 @@ class LoraModel(nn.Module):
         """Remove an adapter everywhere; layers left without adapters turn back into the base module."""
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        for path, module in list(self.model.named_modules()):
+        for module in list(self.model.modules()):
             if isinstance(module, LoraLayer) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
