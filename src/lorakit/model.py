@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lorakit import arithmetic
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterLoadError, ConfigError
 from lorakit.io import read_adapter_folder, write_adapter_folder
@@ -203,6 +204,65 @@ class LoraModel(nn.Module):
                 for layer in self.lora_layers():
                     if name in layer.adapters and getattr(layer.base, "bias", None) is not None:
                         layer.base.bias.requires_grad_(True)
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "cat", svd_rank: int | None = None) -> None:
+        """Create `adapter_name` from a weighted combination of existing adapters.
+
+        * ``cat`` (default): exact, ΔW = Σ wᵢ·ΔWᵢ with rank Σ rᵢ;
+        * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank);
+        * ``linear``: PEFT's A = Σ √wᵢ·Aᵢ, B = Σ √wᵢ·sᵢ·Bᵢ (equal ranks; only approximates the sum).
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+        unknown = [n for n in adapters if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"no adapter named {unknown}; adapters: {sorted(self.peft_config)}")
+        if combination_type not in ("cat", "svd", "linear"):
+            raise ConfigError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}")
+        factors_by_path = {}
+        for path, layer in self.model.named_modules():
+            if not isinstance(layer, LoraLayer) or not any(n in layer.adapters for n in adapters):
+                continue
+            if isinstance(layer, LoraParameter) or any(
+                    layer.adapters[n].custom_math for n in adapters if n in layer.adapters):
+                raise ConfigError(f"layer {path!r}: weighted combination supports plain LoRA layers only")
+            present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
+            pairs = [(ad.lora_a.float(), ad.lora_b.float() * ad.scaling) for ad, _ in present]
+            ws = [w for _, w in present]
+            if combination_type == "cat":
+                factors_by_path[path] = arithmetic.concat(pairs, ws)
+            elif combination_type == "linear":
+                if len(present) != len(adapters):
+                    raise ConfigError(f"'linear' needs every adapter on every layer; {path!r} lacks some")
+                factors_by_path[path] = arithmetic.linear_peft(pairs, ws)
+            else:
+                delta = sum(w * arithmetic.dense(a, b) for (a, b), w in zip(pairs, ws))
+                rank = svd_rank or max(ad.rank for ad, _ in present)
+                a_shape, b_shape = layer.adapter_shapes(1)
+                factors_by_path[path] = arithmetic.svd_refactor(delta, rank, a_shape, b_shape)
+        ranks = {path: a.shape[0] for path, (a, _) in factors_by_path.items()}
+        common = max(set(ranks.values()), key=list(ranks.values()).count)
+        first = self.peft_config[adapters[0]]
+        pattern = {re.escape(p): r for p, r in ranks.items() if r != common}
+        config = first.replace(  # alpha = r everywhere: scaling 1, the weights live in B
+            r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
+            target_modules=sorted(factors_by_path), target_parameters=None, layers_to_transform=None,
+            layers_pattern=None, exclude_modules=None, init_lora_weights=True, use_dora=False)
+        self.add_adapter(adapter_name, config)
+        for path, (a, b) in factors_by_path.items():
+            adapter = self.model.get_submodule(path).adapters[adapter_name]
+            adapter.lora_a.copy_(a.reshape(adapter.lora_a.shape))
+            adapter.lora_b.copy_(b.reshape(adapter.lora_b.shape))
+        # full trainable copies (e.g. classifier heads) are full weights, not deltas: weighted average
+        for module in self.model.modules():
+            if isinstance(module, TrainableCopies) and adapter_name in module.copies:
+                present = [(module.copies[n], w) for n, w in zip(adapters, weights) if n in module.copies]
+                total = sum(w for _, w in present)
+                if present and total:
+                    for key, tensor in module.copies[adapter_name].state_dict().items():
+                        tensor.copy_(sum(w * dict(c.state_dict())[key].float() for c, w in present) / total)
 
     # ------------------------------------------------------------------ enable / disable
     @contextlib.contextmanager

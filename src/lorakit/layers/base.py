@@ -91,7 +91,10 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # set by LoraModel for the duration of one forward: (adapter name per row)
         self.routing: RowRouting | None = None
-        for p in self.base.parameters():
+        frozen = base
+        while isinstance(frozen, LoraLayer):  # nested wrappers: freeze the module, not inner adapters
+            frozen = frozen.base
+        for p in frozen.parameters():
             p.requires_grad_(False)
 
     # ------------------------------------------------------------------ geometry (subclasses)
