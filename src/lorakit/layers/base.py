@@ -63,8 +63,8 @@ class LoraAdapter(nn.Module):
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The layer output with this adapter applied on top of `result` (the base output)."""
         x = layer.cast_input(x, self.lora_a.dtype)
-        u = layer.project_a(self.dropout(x), self.lora_a) * self.scaling  # (..., r)
-        return result + layer.project_b(u, self.lora_b).to(result.dtype)
+        u = layer.project_a(self.dropout(x), self.lora_a)  # (..., r)
+        return result + (layer.project_b(u, self.lora_b) * self.scaling).to(result.dtype)
 
     def merge_into(self, layer: LoraLayer, safe: bool = True) -> None:
         delta = self.delta(layer)

@@ -3,8 +3,8 @@
 h = W·x + b + scaling · B·(A·dropout(x)),  A: (r, in), B: (out, r)
 
 The training hot path is one autograd function (:class:`_FusedLoraLinear`) that saves the input
-once, never computes a gradient for the frozen W, folds the scaling into the rank-r activations
-and accumulates B's output in place into the base output.
+once, never computes a gradient for the frozen W, shares g·B between the gradients of x and A,
+and accumulates the LoRA output in place into the base output.
 """
 
 from __future__ import annotations
@@ -90,13 +90,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])  # (T, in)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
         u = xd2 @ lora_a.T  # (T, r)
-        u_scaled = u * scaling
         if bias is not None:
             y = torch.addmm(bias, x2, weight.T)  # (T, out)
         else:
             y = x2 @ weight.T
-        y.addmm_(u_scaled, lora_b.T)  # in place: no second (T, out) tensor
-        ctx.save_for_backward(x2 if x_drop is None else xd2, u_scaled, weight, lora_a, lora_b)
+        # (u·Bᵀ)·s then add, in PEFT's order, so outputs match PEFT bit for bit
+        delta = u @ lora_b.T  # (T, out)
+        y += delta.mul_(scaling)
+        ctx.save_for_backward(x2 if x_drop is None else xd2, u, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shared_input = x_drop is None
         ctx.bias_grad = bias is not None and bias.requires_grad
@@ -105,7 +106,7 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd2, u_scaled, weight, lora_a, lora_b = ctx.saved_tensors
+        xd2, u, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         g_b = g @ lora_b  # (T, r): shared by dA and dx
@@ -120,7 +121,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_a = (g_b.T @ xd2) * s  # (r, in)
         if ctx.needs_input_grad[5]:
-            grad_b = g.T @ u_scaled  # (out, r)
+            grad_b = (g.T @ u) * s  # (out, r)
         if ctx.bias_grad:
             grad_bias = g.sum(0)
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None

@@ -1,0 +1,153 @@
+"""Adapter folders: bad input gives clear errors and never leaves a half-changed model or folder."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import randomize_lora, tiny_llama
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import AdapterLoadError, LoraConfig
+from lorakit.io import adapter_folder
+
+
+def _saved(tmp_path, **cfg):
+    lm = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **cfg))
+    randomize_lora(lm)
+    lm.save_pretrained(tmp_path)
+    return lm
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()]
+
+
+def _assert_unchanged(model, snap):
+    state, types = snap
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+    assert [type(m).__name__ for m in model.modules()] == types
+
+
+def test_missing_folder_and_missing_files(tmp_path):
+    with pytest.raises(AdapterLoadError, match="is not a folder"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path / "nope")
+    with pytest.raises(AdapterLoadError, match="adapter_config.json is missing"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    with pytest.raises(AdapterLoadError, match="no adapter_model.safetensors"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_truncated_and_corrupt_safetensors(tmp_path):
+    _saved(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    host = lorakit.get_lora_model(tiny_llama(), LoraConfig(target_modules=["o_proj"]), "keep")
+    snap = _snapshot(host)
+    with pytest.raises(AdapterLoadError, match="truncated or corrupt"):
+        host.load_adapter(tmp_path, adapter_name="new")
+    _assert_unchanged(host, snap)
+    weights.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(AdapterLoadError, match="truncated or corrupt"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_corrupt_config_json(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterLoadError, match="not valid JSON"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_shape_mismatch_names_key_and_both_shapes_and_leaves_model_unchanged(tmp_path):
+    _saved(tmp_path)
+    host = lorakit.get_lora_model(tiny_llama(hidden_size=32, intermediate_size=64), LoraConfig(target_modules=["k_proj"]))
+    snap = _snapshot(host)
+    with pytest.raises(AdapterLoadError, match=r"q_proj\.lora_A\.weight.*\(4, 64\).*\(4, 32\)"):
+        host.load_adapter(tmp_path, adapter_name="other")
+    _assert_unchanged(host, snap)
+    assert list(host.peft_config) == ["default"]
+
+
+def test_missing_keys_are_an_error(tmp_path):
+    _saved(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "layers.1" not in k}, tmp_path / "adapter_model.safetensors")
+    base = tiny_llama()
+    snap = _snapshot(base)
+    with pytest.raises(AdapterLoadError, match="lacks 4 tensor"):
+        lorakit.LoraModel.from_pretrained(base, tmp_path)
+    state, _ = snap
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
+
+
+def test_unknown_config_values_are_refused_at_load(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = -1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="r must be a positive integer"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_legacy_bin_is_read_with_weights_only(tmp_path, input_ids):
+    lm = _saved(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    loaded = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(input_ids).logits, lm(input_ids).logits)
+
+
+def test_legacy_bin_with_arbitrary_pickle_is_refused(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(AdapterLoadError, match="never unpickles"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch, input_ids):
+    lm = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize_lora(lm, seed=9)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_folder.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lm.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
+    monkeypatch.undo()
+    lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)(input_ids)
+
+
+def test_unknown_peft_keys_warn_and_load(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["some_future_option"] = 3
+    cfg["lora_bias"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="lora_bias"):
+        lm = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert lm.peft_config["default"].extra["some_future_option"] == 3
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
+    _saved(tmp_path)
+    frozen = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == 2 * (4 * 128 + 4 * 96)
