@@ -15,7 +15,10 @@ import sys
 
 # command name -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
+    "bench": "lorakit.bench.cli",
     "demo": "lorakit.demo",
+    "merge": "lorakit.export",
+    "serve": "lorakit.serve.cli",
 }
 
 

@@ -1,0 +1,280 @@
+"""`lorakit merge`: fold adapters into the base weights and write a plain transformers checkpoint.
+
+    W' = W + Σᵢ wᵢ · scalingᵢ · Bᵢ·Aᵢ        (wᵢ = 1 unless --weights is given)
+
+The result loads with ``AutoModelForCausalLM.from_pretrained(out)`` (or whatever class the base
+config names) and has no LoRA modules left: inference costs exactly what the base costs.
+
+* Several adapters: without weights their deltas are summed (each merged in turn, so variants
+  such as DoRA work); with weights they are first combined exactly (rank Σ rᵢ, the "cat"
+  combination of :meth:`LoraModel.add_weighted_adapter`), then merged.
+* 4-bit bases: a bitsandbytes-format checkpoint (packed NF4/FP4 weights with their
+  ``absmax`` / ``quant_map`` / ``quant_state`` entries) is dequantised with ``lorakit.quant`` and
+  the merge happens in full precision; the report says so.
+* Atomic: everything is written to a temporary folder beside ``--out`` and renamed at the end, so a
+  failure leaves no partial output (and an existing ``--out`` untouched unless ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+# files copied from the base folder so the output is a complete, self-contained checkpoint
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.txt",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+MERGE_INFO = "lorakit_merge.json"
+
+
+class MergeError(ValueError):
+    """The merge inputs are inconsistent (paths, weights, dtypes) or the output can't be written."""
+
+
+@dataclass
+class MergeReport:
+    """What `merge_to_checkpoint` did (the CLI prints it; tests assert on it)."""
+
+    out_dir: Path
+    adapters: list[str]
+    weights: list[float] | None
+    dtype: str
+    dequantized_4bit: str | None = None  # e.g. "nf4 (double quant)" when the base was 4-bit
+    files: list[str] = field(default_factory=list)
+
+
+def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike],
+                        out_dir: str | os.PathLike, weights: list[float] | None = None,
+                        dtype: str | None = None, max_shard_size: str | int = "2GB",
+                        overwrite: bool = False) -> MergeReport:
+    """Merge `adapter_dirs` into the base at `base_dir` and save a full checkpoint at `out_dir`.
+
+    dtype: the saved weights' dtype (default: the base's own dtype; the merge itself is fp32).
+    max_shard_size: passed to ``save_pretrained`` so large checkpoints are split into shards.
+    """
+    import torch
+
+    from lorakit.model import LoraModel
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    adapter_dirs = [Path(a) for a in adapter_dirs]
+    _check_inputs(base_dir, adapter_dirs, out_dir, weights, dtype, overwrite)
+
+    model, source_dtype, quant = load_base(base_dir)
+    names = [f"adapter{i}" for i in range(len(adapter_dirs))]
+    lora = LoraModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
+    for name, folder in zip(names[1:], adapter_dirs[1:]):
+        lora.load_adapter(folder, adapter_name=name)
+    if weights is not None and any(w != 1.0 for w in weights):
+        lora.add_weighted_adapter(names, weights, "merged", combination_type="cat")
+        names = ["merged"]
+    lora.set_adapter(names)
+    merged = lora.merge_and_unload(names)
+
+    out_dtype = dtype or source_dtype
+    merged = merged.to(getattr(torch, out_dtype))
+    merged.config.dtype = out_dtype
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
+                         dtype=out_dtype, dequantized_4bit=quant)
+    _write_atomically(merged, base_dir, out_dir, max_shard_size, overwrite, report)
+    return report
+
+
+def _check_inputs(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weights: list[float] | None,
+                  dtype: str | None, overwrite: bool) -> None:
+    if not (base_dir / "config.json").is_file():
+        raise MergeError(f"--base {base_dir}: no config.json there; pass a transformers checkpoint folder")
+    if not adapter_dirs:
+        raise MergeError("give at least one --adapter folder")
+    for folder in adapter_dirs:
+        if not (folder / "adapter_config.json").is_file():
+            raise MergeError(f"--adapter {folder}: no adapter_config.json there; pass a PEFT-format adapter folder")
+    if weights is not None and len(weights) != len(adapter_dirs):
+        raise MergeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one each")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if out_dir.exists() and not overwrite:
+        raise MergeError(f"--out {out_dir} exists; remove it or pass --overwrite")
+    if out_dir.resolve() in {base_dir.resolve(), *(a.resolve() for a in adapter_dirs)}:
+        raise MergeError("--out must not be the base or an adapter folder")
+
+
+def load_base(base_dir: Path):
+    """(model in fp32, the dtype name its checkpoint had, "nf4 ..." if it was 4-bit else None)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    source_dtype = _dtype_name(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_cls = getattr(transformers, arch, None) if arch else None
+    if model_cls is None:
+        model_cls = transformers.AutoModelForCausalLM if arch and arch.endswith("ForCausalLM") else transformers.AutoModel
+    quant_cfg = _quantization_config(config)
+    if quant_cfg is None:
+        model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
+        return model.eval(), source_dtype, None
+    model, description, compute_dtype = _load_dequantized(base_dir, config, quant_cfg, model_cls)
+    return model.eval(), compute_dtype or source_dtype, description
+
+
+def _quantization_config(config) -> dict | None:
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("load_in_4bit") or str(quant.get("quant_method", "")).lower() in ("bitsandbytes_4bit", "lorakit_4bit"):
+        return quant
+    raise MergeError(f"unsupported quantization_config {quant}; only 4-bit (NF4/FP4, bitsandbytes format) bases merge")
+
+
+def _load_dequantized(base_dir: Path, config, quant_cfg: dict, model_cls):
+    """A bitsandbytes-format 4-bit checkpoint rebuilt as a dense fp32 model (lorakit.quant dequantises)."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        from lorakit.quant import QuantState, dequantize_4bit
+    except ImportError as exc:  # pragma: no cover - quant ships with lorakit
+        raise MergeError(f"--base {base_dir} is 4-bit but lorakit.quant can't be imported ({exc})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(base_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if ".quant_state.bitsandbytes__" in k]:
+        groups[key.split(".quant_state.")[0]] = {}
+    for key in list(tensors):
+        owner = next((w for w in _prefixes(key) if w in groups), None)
+        if owner is not None and key != owner:
+            groups[owner][key] = tensors.pop(key)
+    kinds = set()
+    for key, entries in groups.items():
+        try:
+            state = QuantState.from_dict(entries)
+            tensors[key] = dequantize_4bit(tensors[key], state, torch.float32)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MergeError(f"--base {base_dir}: can't dequantise {key}: {exc}") from None
+        kinds.add(state.quant_type + (", double quant" if state.nested else ""))
+    dense_config = copy.deepcopy(config)
+    del dense_config.quantization_config
+    model = model_cls(dense_config).float()
+    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                                 for k, v in tensors.items()}, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(dense_config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise MergeError(f"--base {base_dir}: 4-bit checkpoint doesn't fit its config "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.tie_weights()
+    compute = quant_cfg.get("bnb_4bit_compute_dtype")
+    compute = _dtype_name(compute) if compute else None
+    return model, " + ".join(sorted(kinds)) or "4-bit", compute
+
+
+def _prefixes(key: str) -> list[str]:
+    """'a.b.c' -> ['a.b', 'a'] (the keys a quantised tensor's side entries hang under)."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def _write_atomically(model, base_dir: Path, out_dir: Path, max_shard_size: str | int, overwrite: bool,
+                      report: MergeReport) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    old = None
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        info = {"adapters": report.adapters, "weights": report.weights, "dtype": report.dtype,
+                "dequantized_4bit": report.dequantized_4bit, "base": str(base_dir)}
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if out_dir.exists():  # --overwrite: move the old one aside, swap, then delete it
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / "previous")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.replace(old / "previous", out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    report.files = sorted(p.name for p in out_dir.iterdir())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge adapters into the base and save a plain transformers checkpoint",
+        description="Fold one or more LoRA adapters into the base weights (W + Σ w·ΔW) and write a full "
+                    "safetensors checkpoint that loads with AutoModel*.from_pretrained. Atomic: a failed merge "
+                    "leaves no output folder.")
+    p.add_argument("--base", required=True, help="base model folder (transformers checkpoint; 4-bit bnb format ok)")
+    p.add_argument("--adapter", required=True, action="append", help="PEFT-format adapter folder (repeatable)")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default: 1 each)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lorakit.errors import LorakitError
+
+    try:
+        report = merge_to_checkpoint(args.base, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
+                                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except (LorakitError, MergeError, OSError) as exc:
+        print(f"lorakit merge: {exc}", file=sys.stderr)
+        return 2
+    if report.dequantized_4bit:
+        print(f"base is 4-bit ({report.dequantized_4bit}): dequantised to full precision, then merged")
+    weights = f" with weights {report.weights}" if report.weights else ""
+    print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}; "
+          f"{', '.join(report.files)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `lorakit merge` alone (without the rest of the CLI)."""
+    parser = argparse.ArgumentParser(prog="lorakit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["merge", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
