@@ -1,0 +1,139 @@
+"""Crash-safe checkpoints: ``checkpoints/step-N/`` appears complete or not at all.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>/`` (every file fsynced), then renamed
+to ``step-N`` in one ``os.replace``. A ``kill -9`` at any moment leaves at most a ``.tmp-*``
+folder, which the next run deletes; every ``step-N`` folder is whole. Contents:
+
+* ``adapter/``: the PEFT-format adapter (usable on its own);
+* ``trainable.safetensors``: every trainable tensor by parameter name, for an exact resume;
+* ``state.pt``: optimizer, schedule, RNG states (per process), data position, best metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.errors import LorakitError
+
+_STEP = re.compile(r"step-(\d+)")
+FILES = ("trainable.safetensors", "state.pt")
+
+
+class RunDirError(LorakitError, OSError):
+    """The run folder can't be written, or has too little free space."""
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP.fullmatch(child.name)
+        if match and all((child / f).is_file() for f in FILES):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(run_dir: Path) -> int:
+    """Delete checkpoint folders a killed run left half-written; returns how many."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return 0
+    partial = [c for c in root.iterdir() if c.name.startswith((".tmp-", ".old-"))]
+    for child in partial:
+        shutil.rmtree(child, ignore_errors=True)
+    return len(partial)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str, torch.Tensor],
+                    state: dict[str, Any], summary: dict[str, Any]) -> Path:
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "adapter")
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
+    torch.save(state, tmp / FILES[1])
+    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for file in (tmp / FILES[0], tmp / FILES[1], tmp / "trainer_state.json"):
+        _fsync(file)
+    _fsync(tmp)
+    final = root / f"step-{step}"
+    if final.exists():  # re-saving a step (a resumed run): move the old one aside first
+        old = root / f".old-step-{step}-{os.getpid()}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    return final
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = load_file(str(folder / FILES[0]))
+    state = torch.load(folder / FILES[1], map_location="cpu", weights_only=True)
+    return tensors, state
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, protect: set[int]) -> list[int]:
+    """Delete all but the newest `keep_last` checkpoints, never those in `protect` (the best)."""
+    found = list_checkpoints(run_dir)
+    doomed = [(s, p) for s, p in found[: max(len(found) - keep_last, 0)] if s not in protect]
+    for _, path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return [s for s, _ in doomed]
+
+
+def check_run_dir(run_dir: Path, need_bytes: int) -> None:
+    """Fail now, not hours in: the folder must be creatable, writable, with `need_bytes` free."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(
+            f"train.output_dir {str(run_dir)!r} is not writable ({exc.strerror or exc}); "
+            "choose a folder you can write to"
+        ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise RunDirError(
+            f"only {free / 2**20:.0f} MiB free at {run_dir}, but checkpoints and the final adapter need about "
+            f"{need_bytes / 2**20:.0f} MiB; free some space, lower train.keep_last, or pick another output_dir"
+        )
+
+
+def checkpoint_bytes(trainable_numel: int, bytes_per_param: int = 4) -> int:
+    """Rough size of one checkpoint: weights twice (adapter + exact copy) and AdamW's two moments."""
+    return trainable_numel * bytes_per_param * 4 + (1 << 20)

