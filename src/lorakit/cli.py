@@ -17,8 +17,11 @@ import sys
 COMMANDS: dict[str, str] = {
     "bench": "lorakit.bench.cli",
     "demo": "lorakit.demo",
+    "generate": "lorakit.generate",
     "merge": "lorakit.export",
+    "predict": "lorakit.train.predict",
     "serve": "lorakit.serve.cli",
+    "train": "lorakit.train.cli",
 }
 
 
