@@ -16,9 +16,13 @@ import sys
 # command name -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
     "bench": "lorakit.bench.cli",
+    "combine": "lorakit.analysis.cli",
+    "compress": "lorakit.analysis.cli",
     "demo": "lorakit.demo",
     "generate": "lorakit.generate",
+    "inspect": "lorakit.analysis.cli",
     "merge": "lorakit.export",
+    "plan": "lorakit.analysis.cli",
     "predict": "lorakit.train.predict",
     "serve": "lorakit.serve.cli",
     "train": "lorakit.train.cli",
