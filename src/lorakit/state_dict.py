@@ -16,6 +16,7 @@ from lorakit.errors import AdapterLoadError
 from lorakit.layers import LoraLayer
 from lorakit.layers.param import LoraParameter
 from lorakit.modules_to_save import TrainableCopies
+from lorakit.targeting import named_wrappers
 
 PREFIX = "base_model.model."
 
@@ -36,7 +37,7 @@ def original_path(path: str, model: nn.Module) -> str:
 def adapter_tensor_refs(model: nn.Module, name: str, bias: str = "none") -> dict[str, torch.Tensor]:
     """PEFT key -> the live parameter, for every tensor that belongs to adapter `name`."""
     refs: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
+    for path, module in named_wrappers(model):
         if isinstance(module, LoraLayer) and name in module.adapters:
             adapter = module.adapters[name]
             stem = original_path(path, model)

@@ -25,15 +25,32 @@ from lorakit.modules_to_save import TrainableCopies
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
-def visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() without the insides of LoRA wrappers and trainable copies."""
-    hidden: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in hidden):
-            continue
-        yield name, module
-        if isinstance(module, (LoraLayer, TrainableCopies)) and name:
-            hidden.append(name + ".")
+def visible_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the insides of LoRA wrappers and trainable copies.
+
+    Its cost doesn't grow with the number of adapters loaded (adapter modules are never visited),
+    which keeps loading the 50th adapter as fast as the first.
+    """
+    yield prefix, model
+    if isinstance(model, (LoraLayer, TrainableCopies)):
+        return
+    for name, child in model._modules.items():
+        if child is not None:
+            yield from visible_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def named_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | TrainableCopies]]:
+    """(path, wrapper) for every LoRA layer and trainable-copies wrapper, nested ones included."""
+    for path, module in visible_modules(model):
+        while isinstance(module, LoraLayer):
+            yield path, module
+            path, module = f"{path}.base", module.base
+        if isinstance(module, TrainableCopies):
+            yield path, module
+
+
+def iter_wrappers(model: nn.Module) -> Iterator[LoraLayer | TrainableCopies]:
+    return (module for _, module in named_wrappers(model))
 
 
 def _is_linear_target(module: nn.Module) -> bool:

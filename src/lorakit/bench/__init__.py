@@ -1,0 +1,1 @@
+"""Benchmarks against PEFT and bitsandbytes (`lorakit bench`)."""

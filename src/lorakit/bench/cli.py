@@ -1,0 +1,76 @@
+"""`lorakit bench`: lorakit vs PEFT / bitsandbytes, side by side in one run, as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)",
+        description="Times LoRA training, inference, mixed-adapter batches, adapter loading and NF4 against "
+        "PEFT and bitsandbytes on the same random-initialised Llama models, in one process, interleaved, and "
+        "prints ratios with their targets. Needs the [dev] extras (peft, bitsandbytes).",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer repeats, skip the wide model and the memory runs")
+    p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--only", nargs="*", default=None,
+                   choices=["train", "wide", "memory", "inference", "loading", "nf4", "qlora"],
+                   help="run only these sections")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit.bench import suite
+
+    torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 5
+    sections = args.only or ["train", "wide", "memory", "inference", "loading", "nf4", "qlora"]
+    if args.quick and args.only is None:
+        sections = [s for s in sections if s not in ("wide", "memory")]
+    plan = {
+        "train": lambda: suite.train_steps("llama-512x8", repeats),
+        "wide": lambda: suite.train_steps("llama-2048x2", max(2, repeats - 2)),
+        "memory": lambda: suite.peak_memory("llama-512x8", args.threads),
+        "inference": lambda: suite.inference(repeats * 2),
+        "loading": lambda: suite.adapter_loading(50),
+        "nf4": lambda: suite.nf4(repeats * 2),
+        "qlora": lambda: suite.qlora_step(repeats),
+    }
+    rows = []
+    started = time.time()
+    for name in sections:
+        print(f"== {name} ...", file=sys.stderr, flush=True)
+        section_rows = plan[name]()
+        for row in section_rows:
+            _print_row(row)
+        rows += section_rows
+    print(f"\n{_machine()} | {len(rows)} figures in {time.time() - started:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": _machine(), "date": datetime.date.today().isoformat(),
+                       "command": " ".join(sys.argv), "rows": [r.as_dict() for r in rows]}, fh, indent=2)
+    return 0
+
+
+def _print_row(row) -> None:
+    met = {True: "met", False: "NOT met", None: ""}[row.met]
+    fmt = "{:.4f}" if row.unit == "s" else "{:.0f}"
+    print(f"{row.figure:<68} {fmt.format(row.ours):>10} {row.unit} vs {fmt.format(row.reference):>10} "
+          f"({row.ref_name})  ratio {row.ratio:6.3f}  {row.target:>8} {met}", flush=True)
+
+
+def _machine() -> str:
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

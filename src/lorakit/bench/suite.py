@@ -1,0 +1,198 @@
+"""The figures of `lorakit bench`: each returns rows (figure, lorakit, reference, ratio, target)."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.bench import core
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: float  # seconds or MB
+    reference: float
+    ref_name: str
+    target: str  # e.g. "<= 1.08"
+    unit: str = "s"
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.reference
+
+    @property
+    def met(self) -> bool | None:
+        if not self.target:
+            return None
+        op, value = self.target.split()
+        return self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
+
+    def as_dict(self) -> dict:
+        return {"figure": self.figure, "ours": self.ours, "reference": self.reference, "ref_name": self.ref_name,
+                "ratio": self.ratio, "target": self.target, "met": self.met, "unit": self.unit}
+
+
+def train_steps(model_name: str, repeats: int, with_peft: bool = True, seq: int = 256) -> list[Row]:
+    """LoRA r=16 train step (q,v and all-linear) vs the floor and vs PEFT, interleaved."""
+    base = core.llama(**core.MODELS[model_name])
+    ids = core.batch(8000, 4, seq)
+    fns = {"floor": core.floor_step(copy.deepcopy(base), ids)}
+    for target_name, target in core.TARGETS.items():
+        fns[f"lorakit {target_name}"] = core.train_step(core.lorakit_model(copy.deepcopy(base), target), ids)
+        if with_peft:
+            fns[f"peft {target_name}"] = core.train_step(core.peft_model(copy.deepcopy(base), target), ids)
+    t = core.interleaved(fns, repeats)
+    rows = [
+        Row(f"{model_name} train q,v r=16 vs floor", t["lorakit qv"].min, t["floor"].min, "floor", "<= 1.02"),
+        Row(f"{model_name} train all-linear r=16 vs floor", t["lorakit all-linear"].min, t["floor"].min, "floor",
+            "<= 1.08"),
+    ]
+    if with_peft:
+        rows += [
+            Row(f"{model_name} train all-linear r=16 vs PEFT", t["lorakit all-linear"].min, t["peft all-linear"].min,
+                "PEFT", "<= 0.90"),
+            Row(f"{model_name} train q,v r=16 vs PEFT", t["lorakit qv"].min, t["peft qv"].min, "PEFT", ""),
+            Row(f"{model_name} PEFT all-linear vs floor (reference)", t["peft all-linear"].min, t["floor"].min,
+                "floor", ""),
+        ]
+    return rows
+
+
+def peak_memory(model_name: str, threads: int, seq: int = 256) -> list[Row]:
+    """Peak RSS of a training process: floor vs lorakit vs PEFT (all-linear r=16), fresh processes."""
+    floor = core.peak_rss_mb("floor", model_name, "all-linear", 4, seq, threads)["peak_mb"]
+    ours = core.peak_rss_mb("lorakit", model_name, "all-linear", 4, seq, threads)["peak_mb"]
+    peft_mb = core.peak_rss_mb("peft", model_name, "all-linear", 4, seq, threads)["peak_mb"]
+    return [
+        Row(f"{model_name} peak RSS all-linear vs floor", ours, floor, "floor", "<= 1.15", "MB"),
+        Row(f"{model_name} peak RSS all-linear vs PEFT", ours, peft_mb, "PEFT", "<= 1.0", "MB"),
+        Row(f"{model_name} PEFT peak RSS vs floor (reference)", peft_mb, floor, "floor", "", "MB"),
+    ]
+
+
+def inference(repeats: int, batch_size: int = 8, seq: int = 128) -> list[Row]:
+    """Unmerged and merged inference vs the base; mixed-adapter batch vs single-adapter batch."""
+    base = core.llama(hidden=512, layers=4, inter=1536)
+    ids = core.batch(8000, batch_size, seq)
+    unmerged = core.lorakit_model(copy.deepcopy(base), "all-linear", adapters=4)
+    merged = core.lorakit_model(copy.deepcopy(base), "all-linear")
+    merged = merged.merge_and_unload()
+    names = [f"a{i % 4}" for i in range(batch_size)]
+    t = core.interleaved({
+        "base": core.forward_step(base, ids),
+        "merged": core.forward_step(merged, ids),
+        "unmerged": core.forward_step(unmerged, ids),
+        "mixed": core.forward_step(unmerged, ids, adapter_names=names),
+    }, repeats)
+    peft_rows = _peft_mixed(base, ids, names, repeats)
+    return [
+        Row("merged inference vs base", t["merged"].min, t["base"].min, "base", "<= 1.01"),
+        Row("unmerged all-linear inference vs base", t["unmerged"].min, t["base"].min, "base", "<= 1.05"),
+        Row("mixed 4-adapter batch vs single-adapter batch (throughput)", t["unmerged"].min, t["mixed"].min,
+            "1 adapter", ">= 0.90"),
+    ] + peft_rows
+
+
+def _peft_mixed(base, ids, names, repeats) -> list[Row]:
+    import peft
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+                             adapter_name="a0")
+    for i in range(1, 4):
+        pm.add_adapter(f"a{i}", peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    pm.eval()
+    t = core.interleaved({"single": core.forward_step(pm, ids), "mixed": core.forward_step(pm, ids, adapter_names=names)},
+                         repeats)
+    return [Row("PEFT mixed 4-adapter batch vs its single-adapter batch (throughput, reference)", t["single"].min,
+                t["mixed"].min, "PEFT 1 adapter", "")]
+
+
+def adapter_loading(count: int = 50) -> list[Row]:
+    """Time to load the k-th adapter onto one base, 1st vs `count`-th (lorakit and PEFT)."""
+    import peft
+
+    import lorakit
+
+    base = core.llama(hidden=256, layers=4, inter=768, vocab=4000)
+    with tempfile.TemporaryDirectory() as tmp:
+        lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=16, target_modules="all-linear")
+                               ).save_pretrained(tmp)
+        lm = lorakit.LoraModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="a0")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="a0")
+        ours, theirs = [], []
+        for i in range(1, count + 1):
+            t0 = time.perf_counter()
+            lm.load_adapter(tmp, adapter_name=f"a{i}")
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pm.load_adapter(tmp, adapter_name=f"a{i}")
+            theirs.append(time.perf_counter() - t0)
+    first, last = min(ours[:3]), min(ours[-3:])
+    return [
+        Row(f"load adapter #{count} vs #1", last, first, "#1", "<= 1.10"),
+        Row(f"load adapter #{count} vs PEFT's #{count}", last, min(theirs[-3:]), "PEFT", ""),
+        Row(f"PEFT load adapter #{count} vs its #1 (reference)", min(theirs[-3:]), min(theirs[:3]), "PEFT #1", ""),
+    ]
+
+
+def nf4(repeats: int) -> list[Row]:
+    """NF4 quantize/dequantize (double quant, blocksize 64) vs bitsandbytes on a 4096×4096 weight."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        from lorakit.quant import dequantize_nf4, quantize_nf4
+    except ImportError as exc:
+        return [Row(f"NF4 skipped ({exc})", float("nan"), 1.0, "-", "")]
+    w = torch.randn(4096, 4096)
+    packed, state = quantize_nf4(w)
+    bpacked, bstate = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    t = core.interleaved({
+        "q ours": lambda: quantize_nf4(w),
+        "q bnb": lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+        "dq ours": lambda: dequantize_nf4(packed, state),
+        "dq bnb": lambda: bnbf.dequantize_4bit(bpacked, bstate),
+    }, repeats)
+    return [
+        Row("NF4 quantize 4096² vs bitsandbytes (time)", t["q ours"].min, t["q bnb"].min, "bnb", "<= 1.0"),
+        Row("NF4 dequantize 4096² vs bitsandbytes (time)", t["dq ours"].min, t["dq bnb"].min, "bnb", "<= 1.0"),
+    ]
+
+
+def qlora_step(repeats: int) -> list[Row]:
+    """QLoRA train step (NF4 base, LoRA all-linear r=16) vs PEFT + bitsandbytes on the same model."""
+    try:
+        import bitsandbytes as bnb
+        import peft
+
+        import lorakit
+    except ImportError as exc:
+        return [Row(f"QLoRA skipped ({exc})", float("nan"), 1.0, "-", "")]
+    base = core.llama(hidden=512, layers=4, inter=1536)
+    ids = core.batch(8000, 4, 128)
+    ours = lorakit.quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
+    ours = core.lorakit_model(ours, "all-linear")
+    theirs = copy.deepcopy(base)
+    _bnb_quantize(theirs, bnb)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids)}, repeats)
+    return [Row("QLoRA train step vs PEFT + bitsandbytes", t["ours"].min, t["theirs"].min, "PEFT+bnb", "<= 1.0")]
+
+
+def _bnb_quantize(model, bnb) -> None:
+    import torch.nn as nn
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64)._quantize("cpu")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(module, child_name, q)
