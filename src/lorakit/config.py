@@ -35,6 +35,9 @@ class LoraConfig:
     init_lora_weights: bool | str = True  # True: Kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.variants)
+    # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):
+    use_dylora: bool = False  # DyLoRA: train nested ranks b ≤ r (scaling α/b), usable at any rank after
+    shared_a_with: str | None = None  # reuse that adapter's A on every layer; this adapter trains its own B
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex on module name -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex on module name -> alpha
     layers_to_transform: list[int] | int | None = None  # only these layer indices
@@ -64,8 +67,10 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_MODES:
-            raise ConfigError(f"init_lora_weights must be one of {_INIT_MODES}, got {self.init_lora_weights!r}")
+        pissa_niter = isinstance(self.init_lora_weights, str) and re.fullmatch(r"pissa_niter_\d+", self.init_lora_weights)
+        if self.init_lora_weights not in _INIT_MODES and not pissa_niter:
+            raise ConfigError(f"init_lora_weights must be one of {_INIT_MODES} or 'pissa_niter_<K>', "
+                              f"got {self.init_lora_weights!r}")
         if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
                 "target_modules is required: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']), "
@@ -82,6 +87,11 @@ class LoraConfig:
                     raise ConfigError(f"rank_pattern[{key!r}] must be an integer rank, got {value!r}")
         if self.use_dora and self.use_rslora is None:
             raise ConfigError("use_rslora must be a bool")
+        if self.shared_a_with is not None and not isinstance(self.shared_a_with, str):
+            raise ConfigError(f"shared_a_with must be an adapter name (str), got {self.shared_a_with!r}")
+        chosen = [n for n in ("use_dora", "use_dylora", "shared_a_with") if getattr(self, n)]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} can't be combined; pick one variant per adapter")
 
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
@@ -100,6 +110,9 @@ class LoraConfig:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for name in _LORAKIT_ONLY:  # keep plain adapters free of keys PEFT would warn about
+            if not out.get(name):
+                out.pop(name, None)
         out = {**self.extra, **out}
         out["peft_type"] = self.peft_type
         if isinstance(out["target_modules"], list):
@@ -139,6 +152,8 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
 
+
+_LORAKIT_ONLY = ("use_dylora", "shared_a_with")
 
 # PEFT LoRA keys that alter the computation if set to a non-default value
 _MATH_KEYS: dict[str, Any] = {

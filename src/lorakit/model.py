@@ -28,7 +28,7 @@ from lorakit.layers.param import LoraParameter
 from lorakit.modules_to_save import TrainableCopies
 from lorakit.state_dict import get_adapter_state_dict, load_adapter_state_dict
 from lorakit.targeting import SEQ_CLS_HEAD_NAMES, find_target_modules, find_target_parameters
-from lorakit.variants import adapter_class
+from lorakit.variants import adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -117,8 +117,9 @@ class LoraModel(nn.Module):
         if config.fan_in_fan_out and hasattr(layer, "fan_in_fan_out"):
             layer.fan_in_fan_out = True
         rank = config.rank_for(path)
-        layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path), config.lora_dropout,
-                          config.init_lora_weights, adapter_class(config, layer))
+        adapter = layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path),
+                                    config.lora_dropout, config.init_lora_weights, adapter_class(config, layer))
+        setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
 
     def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
         module = self.model.get_submodule(path) if path else self.model
@@ -403,6 +404,7 @@ class LoraModel(nn.Module):
         self._update_trainable()
 
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+        config = prepare_load(self, config, tensors)  # e.g. keeps a shared A only if the file agrees
         self.add_adapter(name, config)
         try:
             load_adapter_state_dict(self.model, name, tensors, config.bias)

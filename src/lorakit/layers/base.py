@@ -51,6 +51,9 @@ class LoraAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}"
 
+    def setup(self, layer: LoraLayer, config) -> None:
+        """Called once right after the adapter is added to `layer` (variants create extra tensors here)."""
+
     def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
         """attribute -> PEFT's tensor-name suffix (variants add their extra tensors)."""
         return dict(layer.peft_keys)

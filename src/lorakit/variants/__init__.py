@@ -1,19 +1,119 @@
-"""LoRA variants. Each is a LoraAdapter subclass in its own file; `adapter_class` picks one."""
+"""LoRA variants. Each is a LoraAdapter subclass (or an init) in its own file.
+
+==================  =====================================  =========================================
+variant             how to ask for it                      file
+==================  =====================================  =========================================
+DoRA                ``LoraConfig(use_dora=True)``          dora.py
+rsLoRA              ``LoraConfig(use_rslora=True)``        (scaling α/√r in config.py)
+PiSSA               ``init_lora_weights="pissa"`` or       pissa.py
+                    ``"pissa_niter_K"``
+LoRA+               ``loraplus.param_groups(model, ...)``  loraplus.py
+AdaLoRA             ``AdaLoraConfig(init_r=, target_r=,    adalora.py, adalora_budget.py
+                    total_step=, ...)``
+DyLoRA              ``LoraConfig(use_dylora=True)``        dylora.py
+shared A            ``LoraConfig(shared_a_with="task")``   shared_a.py
+==================  =====================================  =========================================
+
+The model calls :func:`adapter_class` (which class), :func:`setup_adapter` (variant tensors and
+inits, once per layer) and :func:`prepare_load` (before loading a folder). A training loop calls
+:func:`training_hooks` once and then, per step::
+
+    loss = out.loss + sum(h.extra_loss(model) for h in hooks)   # AdaLoRA's orthogonality penalty
+    loss.backward(); optimizer.step()
+    for h in hooks: h.step(model, global_step)                   # AdaLoRA budget, DyLoRA rank draw
+    optimizer.zero_grad()
+"""
 
 from __future__ import annotations
+
+from typing import Protocol
+
+import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.layers import LoraAdapter, LoraLayer
+from lorakit.variants.adalora import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, trainable_adalora_name
+from lorakit.variants.dora import DoraAdapter
+from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
+from lorakit.variants.pissa import pissa_init
+from lorakit.variants.shared_a import SharedAAdapter
+
+__all__ = [
+    "AdaLoraAdapter",
+    "AdaLoraConfig",
+    "DoraAdapter",
+    "DyLoraAdapter",
+    "SharedAAdapter",
+    "adapter_class",
+    "config_class_for_peft_type",
+    "orthogonal_loss",
+    "prepare_load",
+    "set_rank",
+    "setup_adapter",
+    "training_hooks",
+]
 
 
 def adapter_class(config: LoraConfig, layer: LoraLayer) -> type[LoraAdapter]:
     """The adapter class a config asks for on this layer."""
+    if isinstance(config, AdaLoraConfig):
+        return AdaLoraAdapter
     if config.use_dora:
-        raise ConfigError("use_dora=True: DoRA is not available in this version of lorakit")
+        return DoraAdapter
+    if config.use_dylora:
+        return DyLoraAdapter
+    if config.shared_a_with:
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
+            raise ConfigError("shared_a_with can't be combined with a PiSSA init (A comes from the owner)")
+        return SharedAAdapter
     return LoraAdapter
+
+
+def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) -> None:
+    """Run the init that needs the base weight (PiSSA), then the variant's own setup."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith("pissa"):
+        pissa_init(layer, adapter, init)
+    adapter.setup(layer, config)
+
+
+def prepare_load(model: torch.nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
+    """The config to load a folder with (a shared A is kept only if the file agrees with the owner's)."""
+    if config.shared_a_with:
+        from lorakit.variants.shared_a import prepare_load as shared_prepare
+
+        return shared_prepare(model, config, tensors)
+    return config
+
+
+_CONFIGS: dict[str, type[LoraConfig]] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig}
 
 
 def config_class_for_peft_type(peft_type: str) -> type[LoraConfig]:
     """The config class that reads an adapter_config.json with this peft_type."""
-    raise ConfigError(f"peft_type {peft_type!r} is not supported; lorakit reads LORA adapters")
+    key = str(peft_type).upper()
+    if key not in _CONFIGS:
+        raise ConfigError(f"peft_type {peft_type!r} is not supported; lorakit reads {sorted(_CONFIGS)} adapters")
+    return _CONFIGS[key]
+
+
+class TrainingHook(Protocol):
+    def extra_loss(self, model: torch.nn.Module) -> torch.Tensor: ...
+
+    def step(self, model: torch.nn.Module, global_step: int) -> None: ...
+
+
+def training_hooks(model: torch.nn.Module, seed: int = 0) -> list[TrainingHook]:
+    """The per-step hooks the model's trainable variant adapters need (empty for plain LoRA)."""
+    from lorakit.variants.adalora_budget import AdaLoraController
+
+    hooks: list[TrainingHook] = []
+    if trainable_adalora_name(model) is not None:
+        hooks.append(AdaLoraController(model))
+    configs = getattr(model, "peft_config", {})
+    for name in getattr(model, "active_adapters", []):
+        config = configs.get(name)
+        if config is not None and config.use_dylora and not config.inference_mode and dylora_adapters(model, name):
+            hooks.append(DyLoraController(model, name, seed=seed))
+    return hooks
