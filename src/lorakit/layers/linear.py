@@ -65,7 +65,14 @@ class LoraLinear(LoraLayer):
         )
 
     def _fusable_adapter(self, x: torch.Tensor):
-        """The single adapter the fused path can run, or None to take the general path."""
+        """The single adapter the fused training path can run, or None to take the general path.
+
+        Without autograd the general path runs instead: it adds (B·A·x)·s in PEFT's order, so a
+        loaded PEFT adapter gives bit-identical outputs; the fused path folds s into the GEMM
+        (same math, different rounding) to save a pass over the (T, out) output.
+        """
+        if not torch.is_grad_enabled() or not x.requires_grad and not self.training:
+            return None
         if self.disabled or self.routing is not None or len(self.active_adapters) != 1:
             return None
         if type(self.base) is not nn.Linear or self.base.weight.requires_grad:
@@ -94,9 +101,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             y = torch.addmm(bias, x2, weight.T)  # (T, out)
         else:
             y = x2 @ weight.T
-        # (u·Bᵀ)·s then add, in PEFT's order, so outputs match PEFT bit for bit
-        delta = u @ lora_b.T  # (T, out)
-        y += delta.mul_(scaling)
+        y.addmm_(u, lora_b.T, alpha=scaling)  # accumulate s·u·Bᵀ into y: no (T, out) temporary
         ctx.save_for_backward(x2 if x_drop is None else xd2, u, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shared_input = x_drop is None
