@@ -27,7 +27,14 @@ from lorakit.layers import LoraLayer, RowRouting, wrap_module
 from lorakit.layers.param import LoraParameter
 from lorakit.modules_to_save import TrainableCopies
 from lorakit.state_dict import get_adapter_state_dict, load_adapter_state_dict
-from lorakit.targeting import SEQ_CLS_HEAD_NAMES, find_target_modules, find_target_parameters
+from lorakit.targeting import (
+    SEQ_CLS_HEAD_NAMES,
+    find_target_modules,
+    find_target_parameters,
+    iter_wrappers,
+    named_wrappers,
+    visible_modules,
+)
 from lorakit.variants import adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
@@ -64,10 +71,10 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ layers
     def lora_layers(self) -> Iterator[LoraLayer]:
-        yield from (m for m in self.model.modules() if isinstance(m, LoraLayer))
+        yield from (m for m in iter_wrappers(self.model) if isinstance(m, LoraLayer))
 
     def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies]:
-        yield from (m for m in self.model.modules() if isinstance(m, (LoraLayer, TrainableCopies)))
+        yield from iter_wrappers(self.model)
 
     def _replace(self, path: str, new: nn.Module) -> None:
         parent_name, _, child = path.rpartition(".")
@@ -101,7 +108,7 @@ class LoraModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
         self._sync_wrappers()
-        self._update_trainable()
+        self._update_trainable(only=adapter_name)
 
     def _sync_wrappers(self) -> None:
         """Newly wrapped layers take the model's current active set and enabled state."""
@@ -134,10 +141,9 @@ class LoraModel(nn.Module):
     def _modules_to_save_paths(self, config: LoraConfig) -> list[str]:
         wanted = config.modules_to_save or []
         paths = []
-        for path in dict(self.model.named_modules()):
-            if any(path == w or path.endswith("." + w) for w in wanted) and ".copies." not in path:
-                if not path.endswith(".original"):
-                    paths.append(path)
+        for path, _ in visible_modules(self.model):
+            if any(path == w or path.endswith("." + w) for w in wanted):
+                paths.append(path)
         missing = [w for w in wanted if not any(p == w or p.endswith("." + w) for p in paths)]
         # PEFT lists both usual head names for SEQ_CLS adapters; a model has only one of them
         missing = [w for w in missing if not (config.task_type == "SEQ_CLS" and w in SEQ_CLS_HEAD_NAMES)]
@@ -149,7 +155,7 @@ class LoraModel(nn.Module):
         """Remove an adapter everywhere; layers left without adapters turn back into the base module."""
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        for module in list(self.model.modules()):
+        for module in list(self._wrappers()):
             if isinstance(module, LoraLayer) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
@@ -164,7 +170,7 @@ class LoraModel(nn.Module):
         changed = True
         while changed:  # nested parameter wrappers unwrap one level per pass
             changed = False
-            for path, module in list(self.model.named_modules()):
+            for path, module in list(named_wrappers(self.model)):
                 empty_lora = isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
                 empty_copies = isinstance(module, TrainableCopies) and not module.copies
                 if empty_lora or empty_copies:
@@ -187,15 +193,21 @@ class LoraModel(nn.Module):
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 
-    def _update_trainable(self) -> None:
-        """Only the active adapters' factors (and their copies) train, unless loaded for inference."""
+    def _update_trainable(self, only: str | None = None) -> None:
+        """Only the active adapters' factors (and their copies) train, unless loaded for inference.
+
+        `only` restricts the update to one adapter's tensors (a newly added one), so adding the
+        k-th adapter costs the same as adding the first.
+        """
         trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
         for module in self._wrappers():
             groups = module.adapters if isinstance(module, LoraLayer) else module.copies
-            for name, sub in groups.items():
+            items = [(only, groups[only])] if only is not None and only in groups else (
+                [] if only is not None else groups.items())
+            for name, sub in items:
                 for p in sub.parameters():
                     p.requires_grad_(name in trainable)
-        for name in trainable:
+        for name in trainable if only is None or only in trainable else ():
             bias = self.peft_config[name].bias
             if bias == "all":
                 for key, p in self.model.named_parameters():
@@ -223,7 +235,7 @@ class LoraModel(nn.Module):
         if combination_type not in ("cat", "svd", "linear"):
             raise ConfigError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}")
         factors_by_path = {}
-        for path, layer in self.model.named_modules():
+        for path, layer in named_wrappers(self.model):
             if not isinstance(layer, LoraLayer) or not any(n in layer.adapters for n in adapters):
                 continue
             if isinstance(layer, LoraParameter) or any(
@@ -257,7 +269,7 @@ class LoraModel(nn.Module):
             adapter.lora_a.copy_(a.reshape(adapter.lora_a.shape))
             adapter.lora_b.copy_(b.reshape(adapter.lora_b.shape))
         # full trainable copies (e.g. classifier heads) are full weights, not deltas: weighted average
-        for module in self.model.modules():
+        for module in self._wrappers():
             if isinstance(module, TrainableCopies) and adapter_name in module.copies:
                 present = [(module.copies[n], w) for n, w in zip(adapters, weights) if n in module.copies]
                 total = sum(w for _, w in present)
@@ -304,7 +316,7 @@ class LoraModel(nn.Module):
 
     def unload(self, _merged: bool = False) -> nn.Module:
         """Remove every LoRA module and return the base model (merged weights stay merged)."""
-        for path, module in sorted(self.model.named_modules(), key=lambda kv: -kv[0].count(".")):
+        for path, module in sorted(named_wrappers(self.model), key=lambda kv: -kv[0].count(".")):
             if isinstance(module, LoraLayer):
                 self._replace(path, module.base)
             elif isinstance(module, TrainableCopies):
@@ -401,7 +413,6 @@ class LoraModel(nn.Module):
         """Add an adapter from a PEFT-format folder. A failed load leaves the model as it was."""
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
         self._load(adapter_name, config, tensors)
-        self._update_trainable()
 
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
         config = prepare_load(self, config, tensors)  # e.g. keeps a shared A only if the file agrees
