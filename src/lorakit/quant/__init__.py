@@ -1,0 +1,31 @@
+"""QLoRA support: NF4/FP4 4-bit quantisation with double quantisation, in pure PyTorch.
+
+Bit-compatible with bitsandbytes (same packed bytes, scales and state-dict keys), which is only a
+test / benchmark reference and never imported here.
+"""
+
+from .codes import dynamic_map, get_code
+from .nf4 import (
+    block_scales,
+    dequantize_4bit,
+    dequantize_fp4,
+    dequantize_nf4,
+    quantize_4bit,
+    quantize_fp4,
+    quantize_nf4,
+)
+from .state import NestedState, QuantState
+
+__all__ = [
+    "NestedState",
+    "QuantState",
+    "block_scales",
+    "dequantize_4bit",
+    "dequantize_fp4",
+    "dequantize_nf4",
+    "dynamic_map",
+    "get_code",
+    "quantize_4bit",
+    "quantize_fp4",
+    "quantize_nf4",
+]
