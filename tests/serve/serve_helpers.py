@@ -88,3 +88,77 @@ def env_for_subprocess() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_model_dirs() -> dict[str, Path]:
+    """build_model_dirs once per test process (the folders are removed at exit)."""
+    if not _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="lorakit-serve-"))
+        atexit.register(shutil.rmtree, root, True)
+        _SHARED.update(build_model_dirs(root))
+    return _SHARED
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m lorakit serve ...` on a free loopback port; stopped (by its pid) on close()."""
+
+    def __init__(self, args: list[str], ready_timeout: float = 90.0):
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="lorakit-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "lorakit", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--threads", "1", "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_for_subprocess())
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.close()
+        raise RuntimeError(f"server not ready after {ready_timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-5000:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)

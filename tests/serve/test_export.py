@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import build_model_dirs
+from serve_helpers import shared_model_dirs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
@@ -17,8 +17,11 @@ IDS = torch.tensor([[5, 9, 12, 40, 41, 7, 3, 60], [2, 8, 8, 70, 71, 72, 1, 0]])
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> dict[str, Path]:
-    return build_model_dirs(tmp_path_factory.mktemp("export"))
+def dirs() -> dict[str, Path]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra OpenMP threads only contend on a shared machine
+    yield shared_model_dirs()
+    torch.set_num_threads(threads)
 
 
 def _logits(model) -> torch.Tensor:

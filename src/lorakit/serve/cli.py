@@ -1,0 +1,121 @@
+"""`lorakit serve`: one base model, many LoRA adapters, an OpenAI-compatible HTTP API.
+
+    lorakit serve --base ./llama --adapter sql=./adapters/sql --adapter chat=./adapters/chat \\
+        --api-key "$KEY" --adapter-root ./adapters --max-adapters 8
+
+Heavy imports (torch, transformers, fastapi) happen in the handler so `lorakit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
+        description="Serve one base model and many LoRA adapters with continuous batching across adapters. "
+                    "The request's `model` picks an adapter by name, the base by its name, or a weighted "
+                    "mixture as 'mix:a=0.7,b=0.3'.")
+    p.add_argument("--base", required=True, help="base model folder (transformers checkpoint with a tokenizer)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to serve as NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                   help="bearer key for every endpoint (default: $LORAKIT_API_KEY; admin endpoints are off "
+                        "without one)")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters in memory at once; LRU evicted beyond")
+    p.add_argument("--adapter-root", help="POST /v1/adapters may load only folders under this one")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before a 408")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--served-model-name", help="the base model's id in the API (default: the --base folder name)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_run)
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """['a=dir', ...] -> {'a': Path('dir')}; raises ValueError with a clear message."""
+    from lorakit.serve.registry import NAME_RE
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not NAME_RE.fullmatch(name) or not folder:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR with NAME of letters, digits, '_' or '-'")
+        if name in out:
+            raise ValueError(f"--adapter {name!r} given twice")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {spec!r}: no adapter_config.json in {folder}")
+        out[name] = Path(folder).resolve()
+    return out
+
+
+def build_app(args: argparse.Namespace):
+    """Model, registry, engine and app from parsed arguments (tests call this in-process)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorakit.serve.app import create_app
+    from lorakit.serve.engine import Engine, ModelHost, load_base_model
+    from lorakit.serve.http import ServeSettings
+    from lorakit.serve.registry import AdapterRegistry
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapters = parse_adapter_specs(args.adapter)
+    base_dir = Path(args.base)
+    if not (base_dir / "config.json").is_file():
+        raise ValueError(f"--base {base_dir}: no config.json there; pass a transformers checkpoint folder")
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ValueError(f"--adapter-root {args.adapter_root} is not a folder")
+    base_name = args.served_model_name or base_dir.resolve().name
+    if base_name in adapters:
+        raise ValueError(f"adapter name {base_name!r} is the base model's name; rename one")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    host = ModelHost(load_base_model(base_dir, args.dtype))
+    registry = AdapterRegistry(host, base_name, max_loaded=args.max_adapters, root=args.adapter_root)
+    for i, (name, folder) in enumerate(adapters.items()):
+        registry.add(name, folder, load=i < args.max_adapters)  # the rest load on first use
+    engine = Engine(host, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    settings = ServeSettings(base_name=base_name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                             max_tokens_cap=args.max_tokens_cap, request_timeout=args.request_timeout)
+    return create_app(engine, registry, tokenizer, settings)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lorakit.errors import LorakitError
+    from lorakit.serve.errors import ServeError
+
+    logging.getLogger("lorakit").setLevel(args.log_level.upper())
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"lorakit serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    try:
+        app = build_app(args)
+    except (ValueError, OSError, LorakitError, ServeError) as exc:
+        print(f"lorakit serve: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    print(f"lorakit serve: http://{args.host}:{args.port}/v1 (models: GET /v1/models)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `lorakit serve` alone (without the rest of the CLI)."""
+    parser = argparse.ArgumentParser(prog="lorakit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)

@@ -1,0 +1,16 @@
+"""The generation engine: model host, batched KV cache and the continuous-batching worker."""
+
+from lorakit.serve.engine.batcher import Engine, EngineStats, GenerationEvent, GenerationRequest
+from lorakit.serve.engine.host import ModelHost, load_base_model
+from lorakit.serve.engine.kv import BatchCache, UnsupportedCacheError
+
+__all__ = [
+    "BatchCache",
+    "Engine",
+    "EngineStats",
+    "GenerationEvent",
+    "GenerationRequest",
+    "ModelHost",
+    "UnsupportedCacheError",
+    "load_base_model",
+]

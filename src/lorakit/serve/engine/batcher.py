@@ -1,0 +1,291 @@
+"""Continuous batching: one worker thread owns the model and runs every request through it.
+
+Scheduling (one loop iteration):
+
+1. run admin commands (adapter load / unload) queued by the HTTP side, between steps;
+2. admit waiting requests while the batch has room: make sure the request's adapter is in memory
+   (the registry may evict an unused one), run the request's prefill alone (batch 1, no padding)
+   and sample its first token; its KV cache joins the batch cache (:class:`BatchCache`);
+3. one decode step over ALL running rows: a single forward with ``adapter_names=[...]`` (one
+   adapter or None per row — the core's mixed-batch path, no loop over rows or adapters), the
+   batch KV cache, a 2-D attention mask hiding each row's left padding and per-row position ids;
+4. rows that hit EOS, a stop string, their token budget or a cancellation leave the batch at once;
+   waiting requests take their place in the next iteration.
+
+Each row samples with its own ``torch.Generator`` (seeded per request), so a seeded request gives
+the same tokens however it is batched. Failures are confined: a request whose adapter fails to
+load gets an error event; a forward that raises fails the rows in that step and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from lorakit.serve.engine.host import ModelHost
+from lorakit.serve.engine.kv import BatchCache
+from lorakit.serve.errors import EngineError, Overloaded, ServeError
+from lorakit.serve.generation import SamplingParams, TextStream, sample_rows
+from lorakit.serve.registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationEvent:
+    """What the worker tells a request: new text, and at the end why it stopped (or an error)."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS / stop string) | "length" | "cancelled"
+    error: ServeError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[GenerationEvent], None]  # called on the worker thread; must not block
+    adapter: str | None = None  # registry key; None = the base model
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False  # set by the HTTP side (timeout, client gone); the worker drops the row
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    generator: torch.Generator
+    stream: TextStream
+    limit: int  # max new tokens: the request's max_tokens, cut to what the context window allows
+    last_token: int = -1
+    generated: int = 0
+
+
+@dataclass
+class EngineStats:
+    prefills: int = 0
+    steps: int = 0
+    decode_tokens: int = 0
+    max_rows: int = 0  # largest batch a decode step ran
+    max_adapters: int = 0  # most distinct adapters (incl. base) in one decode step
+    failures: int = 0
+
+
+class Engine:
+    def __init__(self, host: ModelHost, registry: AdapterRegistry, tokenizer, max_batch: int = 8,
+                 max_queue: int = 256, max_context: int | None = None):
+        self.host, self.registry, self.tokenizer = host, registry, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        config = host.config
+        self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
+        self.eos_ids = _eos_ids(host.base, tokenizer)
+        self.stats = EngineStats()
+        self._pending: collections.deque[GenerationRequest] = collections.deque()
+        self._commands: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._rows: list[_Row] = []
+        self._cache = BatchCache()
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._cv:
+            if self._closed:
+                raise Overloaded("the server is shutting down", code="shutting_down")
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded(f"too many waiting requests ({self.max_queue}); retry later")
+            self._pending.append(request)
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the worker thread between two steps (adapter loads, unloads)."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                future.set_exception(Overloaded("the server is shutting down", code="shutting_down"))
+                return future
+            self._commands.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def pinned(self) -> frozenset[str]:
+        """Adapters the running rows use (worker thread): they must stay in memory."""
+        return frozenset(r.request.adapter for r in self._rows if r.request.adapter is not None)
+
+    # ------------------------------------------------------------------ worker thread
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._pending or self._commands or self._rows):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                commands, self._commands = list(self._commands), collections.deque()
+            for fn, future in commands:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, who renders it
+                        future.set_exception(exc)
+            self._admit()
+            if self._rows:
+                self._step()
+        self._shutdown()
+
+    def _admit(self) -> None:
+        blocked = []
+        while len(self._rows) < self.max_batch:
+            with self._cv:
+                if not self._pending:
+                    break
+                request = self._pending.popleft()
+            if request.cancelled:
+                continue
+            try:
+                if not self.registry.ensure_loaded(request.adapter, self.pinned()):
+                    blocked.append(request)  # every adapter slot is in use: wait for rows to finish
+                    continue
+                self._prefill(request)
+            except ServeError as exc:
+                _emit(request, GenerationEvent(error=exc))
+            except Exception as exc:
+                logger.exception("prefill failed for request %s", request.request_id)
+                self.stats.failures += 1
+                _emit(request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
+        if blocked:
+            with self._cv:
+                self._pending.extendleft(reversed(blocked))
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long)  # (1, L)
+        cache = DynamicCache(config=self.host.config)
+        logits = self.host.forward(ids, [request.adapter], kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
+        self.stats.prefills += 1
+        params = request.params
+        row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
+                   limit=min(params.max_tokens, self.max_context - len(request.prompt_ids)))
+        if not bool(torch.isfinite(logits).all()):
+            raise EngineError("the model produced non-finite logits for this prompt (a broken adapter?)")
+        token = sample_rows(logits, [params], [row.generator])[0]
+        self._cache.join(cache, len(request.prompt_ids))
+        self._rows.append(row)
+        if self._accept(row, token):
+            self._keep([i for i, r in enumerate(self._rows) if r is not row])
+
+    def _step(self) -> None:
+        live = [i for i, r in enumerate(self._rows) if not r.request.cancelled]
+        if len(live) < len(self._rows):
+            self._keep(live)
+            if not self._rows:
+                return
+        rows = self._rows
+        names = [r.request.adapter for r in rows]
+        mask, positions = self._cache.step_inputs()
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)  # (B, 1)
+        try:
+            logits = self.host.forward(ids, names, kv_cache=self._cache.cache, attention_mask=mask,
+                                       position_ids=positions)[:, -1].float()  # (B, V)
+        except Exception as exc:
+            logger.exception("decode step failed; failing its %d rows", len(rows))
+            self.stats.failures += 1
+            for row in rows:
+                _emit(row.request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
+            self._keep([])
+            return
+        self._cache.advance(mask)
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(rows)
+        self.stats.max_rows = max(self.stats.max_rows, len(rows))
+        self.stats.max_adapters = max(self.stats.max_adapters, len(set(names)))
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = sample_rows(torch.nan_to_num(logits), [r.request.params for r in rows], [r.generator for r in rows])
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            if not finite[i]:
+                _emit(row.request, GenerationEvent(error=EngineError("the model produced non-finite logits")))
+            elif not self._accept(row, token):
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._keep(keep)
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Take one sampled token; emit text; True when the row is finished."""
+        row.generated += 1
+        row.last_token = token
+        params = row.request.params
+        finish = None
+        if token in self.eos_ids and not params.ignore_eos:
+            delta, finish = row.stream.flush(), "stop"
+        else:
+            delta, stopped = row.stream.push(token)
+            if stopped:
+                finish = "stop"
+            elif row.generated >= row.limit:
+                delta, finish = delta + row.stream.flush(), "length"
+        if delta or finish:
+            _emit(row.request, GenerationEvent(text=delta, finish_reason=finish,
+                                               prompt_tokens=len(row.request.prompt_ids),
+                                               completion_tokens=row.generated))
+        return finish is not None
+
+    def _keep(self, indices: list[int]) -> None:
+        self._rows = [self._rows[i] for i in indices]
+        self._cache.keep(indices)
+        self.registry.collect(self.pinned())
+
+    def _shutdown(self) -> None:
+        error = Overloaded("the server is shutting down", code="shutting_down")
+        with self._cv:
+            waiting, self._pending = list(self._pending), collections.deque()
+            commands, self._commands = list(self._commands), collections.deque()
+        for request in waiting + [r.request for r in self._rows]:
+            _emit(request, GenerationEvent(error=error))
+        for _, future in commands:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        self._rows, self._cache = [], BatchCache()
+
+
+def _emit(request: GenerationRequest, event: GenerationEvent) -> None:
+    try:
+        request.on_event(event)
+    except Exception:  # a listener that went away must not stop the engine
+        logger.debug("event listener for %s failed", request.request_id, exc_info=True)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

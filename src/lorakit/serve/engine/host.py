@@ -1,0 +1,85 @@
+"""The model the engine runs: one base in memory plus any number of named LoRA adapters.
+
+Only the engine's worker thread calls into a :class:`ModelHost` (forward passes and adapter
+loads / unloads alike), so no lock is needed around the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lorakit.model import LoraModel
+
+logger = logging.getLogger(__name__)
+
+
+def load_base_model(base_dir: str | os.PathLike, dtype: str = "float32") -> nn.Module:
+    """A causal LM from a transformers checkpoint folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(Path(base_dir), dtype=getattr(torch, dtype))
+    return model.eval()
+
+
+class ModelHost:
+    """The base model, wrapped in a :class:`LoraModel` once the first adapter is loaded."""
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self.lora: LoraModel | None = None
+        # transformers' causal LMs accept logits_to_keep: prefill then computes one row of logits
+        params = inspect.signature(base.forward).parameters
+        self._keep_logits = "logits_to_keep" in params
+        # transformers ≥ 5.2x renamed past_key_values to cache (the old name warns until 5.40)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora.peft_config) if self.lora is not None else []
+
+    def load(self, name: str, folder: str | os.PathLike) -> None:
+        """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails)."""
+        if self.lora is None:
+            self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name)
+        else:
+            self.lora.load_adapter(folder, adapter_name=name)
+        logger.info("loaded adapter %s from %s", name, folder)
+
+    def mix(self, name: str, components: Sequence[str], weights: Sequence[float]) -> None:
+        """Add `name` = Σ wᵢ·ΔWᵢ of loaded adapters, exactly (their factors concatenated)."""
+        self.lora.add_weighted_adapter(list(components), list(weights), name, combination_type="cat")
+
+    def unload(self, name: str) -> None:
+        if self.lora is not None and name in self.lora.peft_config:
+            self.lora.delete_adapter(name)
+            logger.info("unloaded adapter %s", name)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, adapter_names: Sequence[str | None], kv_cache=None,
+                last_only: bool = False, **kwargs) -> torch.Tensor:
+        """Logits (B, T or 1, V) with one adapter (or None = base) per row; `kv_cache` grows in place."""
+        if last_only and self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        if kv_cache is not None:
+            kwargs[self._cache_kw] = kv_cache
+            kwargs["use_cache"] = True
+        if self.lora is None:
+            if any(n is not None for n in adapter_names):
+                raise KeyError(f"no adapters are loaded, asked for {sorted({n for n in adapter_names if n})}")
+            out = self.base(input_ids, **kwargs)
+        else:
+            out = self.lora(input_ids, adapter_names=list(adapter_names), **kwargs)
+        return out.logits

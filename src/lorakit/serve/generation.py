@@ -1,0 +1,131 @@
+"""Per-request generation pieces the engine applies to each batch row.
+
+* :class:`SamplingParams`: what a request asks for (temperature, top_p, stop strings, seed, ...).
+* :func:`sample_rows`: next tokens for a batch of rows, each row with its own settings and its own
+  ``torch.Generator``: a seeded request draws the same tokens whatever else shares its batch.
+* :class:`TextStream`: incremental detokenisation with stop strings. Text that might still turn
+  out to be the start of a stop string is held back, so a stop string never reaches the client.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range."""
+
+
+@dataclass
+class SamplingParams:
+    """One request's decoding settings (OpenAI's names and defaults)."""
+
+    max_tokens: int = 16  # new tokens at most (the server caps this)
+    temperature: float = 1.0  # 0 = greedy (argmax); else softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling: smallest set of tokens with probability mass ≥ top_p
+    stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
+    seed: int | None = None  # seeds this request's own generator (None: a random seed)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: fixed-length outputs)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2):
+            raise SamplingError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
+        return torch.Generator().manual_seed(seed % 2**64)
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator]) -> list[int]:
+    """Next token per row. logits: (B, V) fp32. Greedy rows in one argmax; sampled rows one by one
+    (each draws from its own generator, so rows never share random state)."""
+    tokens = logits.argmax(dim=-1).tolist()  # (B,) greedy choice for every row
+    for i, p in enumerate(params):
+        if not p.greedy:
+            tokens[i] = _sample(logits[i], p.temperature, p.top_p, generators[i])
+    return tokens
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs[before >= top_p] = 0.0  # the top token always stays (its `before` is 0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+class TextStream:
+    """Turns generated token ids into text deltas, stopping at stop strings.
+
+    ``push(token)`` returns ``(delta, stopped)``; the text is re-decoded from all generated ids each
+    time (prefix-stable for byte-level, sentencepiece and word-level tokenizers alike), text ending
+    in an incomplete UTF-8 sequence (U+FFFD) waits for the next token, and a tail that could begin
+    a stop string waits until it can't.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # the final text so far (cut at a stop string once one appears)
+        self.emitted = 0  # characters of self.text already returned
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = text[:cut]
+            return self._take(len(self.text)), True
+        self.text = text
+        return self._take(len(text) - self._held_back(text)), False
+
+    def flush(self) -> str:
+        """The rest of the text (generation ended for another reason than a stop string)."""
+        if not self.text and self.ids:  # only an incomplete character was generated
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        end = max(end, self.emitted)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise if the model produced NaN/inf logits (a broken adapter or base)."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"non-finite logits in batch rows {bad}")
+
+
+__all__ = ["SamplingError", "SamplingParams", "TextStream", "check_finite", "sample_rows"]

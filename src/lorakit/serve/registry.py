@@ -1,0 +1,241 @@
+"""Which adapters the server knows, which are in memory, and which to evict.
+
+Known adapters are ``name -> folder``. At most ``max_loaded`` are in memory; when another is
+needed the least recently used one that no running request is using is unloaded (and reloaded
+from its folder on a later request, transparently). A request may also ask for a weighted
+mixture, ``model: "mix:a=0.7,b=0.3"``: it is built once, exactly (rank Σ rᵢ, see
+:meth:`LoraModel.add_weighted_adapter`), under an internal name, and cached like an adapter.
+
+Validation (names, paths under ``--adapter-root``, mixture syntax) runs on the HTTP side; the
+loading methods run on the engine's worker thread only, between decode steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+from lorakit.serve.engine.host import ModelHost
+from lorakit.serve.errors import BadRequest, Conflict, ModelNotFound, NotFound, PermissionDenied
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")  # never starts with "_": internal names do
+MIX_PREFIX = "mix:"
+MAX_MIX_COMPONENTS = 4
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Σ wᵢ·ΔWᵢ over named adapters; ``name`` is its internal adapter name."""
+
+    components: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def name(self) -> str:
+        spec = ",".join(f"{c}={w!r}" for c, w in zip(self.components, self.weights))
+        return "_mix_" + hashlib.sha1(spec.encode()).hexdigest()[:16]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BadRequest(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a "
+                         "letter or digit", param="name", code="invalid_name")
+    return name
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """'mix:a=0.7,b=0.3' -> [('a', 0.7), ('b', 0.3)] (sorted by name)."""
+    body = spec[len(MIX_PREFIX):]
+    parts = [p.strip() for p in body.split(",") if p.strip()]
+    if not 1 <= len(parts) <= MAX_MIX_COMPONENTS:
+        raise BadRequest(f"a mixture names 1-{MAX_MIX_COMPONENTS} adapters, e.g. 'mix:a=0.7,b=0.3'; got {spec!r}",
+                         param="model", code="invalid_mixture")
+    out: dict[str, float] = {}
+    for part in parts:
+        name, sep, weight = part.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not sep or not math.isfinite(value) or abs(value) > 10:
+            raise BadRequest(f"mixture term {part!r} must be NAME=WEIGHT with a finite weight in [-10, 10]",
+                             param="model", code="invalid_mixture")
+        if name.strip() in out:
+            raise BadRequest(f"adapter {name.strip()!r} appears twice in {spec!r}", param="model",
+                             code="invalid_mixture")
+        out[name.strip()] = value
+    return sorted(out.items())
+
+
+class AdapterRegistry:
+    def __init__(self, host: ModelHost, base_name: str, max_loaded: int = 8, root: str | Path | None = None):
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be ≥ 1, got {max_loaded}")
+        self.host = host
+        self.base_name = base_name
+        self.max_loaded = max_loaded
+        self.root = Path(root).resolve() if root is not None else None
+        self._lock = threading.Lock()
+        self._known: dict[str, Path] = {}
+        self._mixtures: dict[str, Mixture] = {}
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU order: oldest first (worker thread)
+        self._stale: set[str] = set()  # deleted while in use: unloaded once no row uses them
+        self.loads = 0  # adapter loads from disk so far (tests and metrics)
+
+    # ------------------------------------------------------------------ any thread
+    def names(self) -> list[tuple[str, Path, bool]]:
+        with self._lock:
+            return [(n, p, n in self._loaded) for n, p in self._known.items()]
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter key a request's `model` names (None = the base); raises ModelNotFound."""
+        if not isinstance(model, str):
+            raise BadRequest("model must be a string", param="model")
+        if model == self.base_name:
+            return None
+        with self._lock:
+            if model in self._known:
+                return model
+            if not model.startswith(MIX_PREFIX):
+                raise ModelNotFound(f"The model `{model}` does not exist; GET /v1/models lists the base and "
+                                    "the adapters", param="model")
+            terms = parse_mixture(model)
+            missing = [n for n, _ in terms if n not in self._known]
+            if missing:
+                raise ModelNotFound(f"mixture {model!r} names unknown adapters {missing}", param="model")
+            mix = Mixture(tuple(n for n, _ in terms), tuple(w for _, w in terms))
+            self._mixtures.setdefault(mix.name, mix)
+            return mix.name
+
+    def check_new(self, name: str, path: str) -> Path:
+        """Validate an admin load request: a fresh name and a folder under --adapter-root."""
+        check_name(name)
+        if name == self.base_name:
+            raise Conflict(f"{name!r} is the base model's name", param="name")
+        if self.root is None:
+            raise PermissionDenied("loading adapters at runtime is disabled: start the server with --adapter-root")
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise BadRequest("path must be a non-empty string", param="path")
+        candidate = Path(path)
+        candidate = candidate if candidate.is_absolute() else self.root / candidate
+        try:
+            resolved = candidate.resolve(strict=True)  # follows symlinks: the real place is checked
+        except (OSError, RuntimeError):
+            raise NotFound(f"adapter path {path!r} does not exist under the adapter root", param="path") from None
+        if not resolved.is_relative_to(self.root):
+            raise PermissionDenied(f"adapter path {path!r} is outside the adapter root", param="path",
+                                   code="path_outside_root")
+        if not (resolved / "adapter_config.json").is_file():
+            raise BadRequest(f"{path!r} is not an adapter folder (no adapter_config.json)", param="path")
+        return resolved
+
+    # ------------------------------------------------------------------ worker thread
+    def add(self, name: str, path: Path, load: bool = True, pinned: frozenset[str] = frozenset()) -> bool:
+        """Register `name`; load it now if `load` (errors unregister it again). Returns loaded?"""
+        with self._lock:
+            if name in self._known:
+                if self._known[name] == Path(path):
+                    return name in self._loaded
+                raise Conflict(f"an adapter named {name!r} exists already (from {self._known[name]}); "
+                               "DELETE it first", param="name")
+            if name in self._stale and name in pinned:
+                raise Conflict(f"adapter {name!r} was deleted but running requests still use it; retry shortly",
+                               param="name")
+            self._known[name] = Path(path)
+        if name in self._stale:  # deleted earlier, still in memory: drop the old weights first
+            self._unload(name)
+            self._stale.discard(name)
+        if not load:
+            return False
+        try:
+            return self.ensure_loaded(name, pinned)
+        except BaseException:
+            with self._lock:
+                self._known.pop(name, None)
+            raise
+
+    def remove(self, name: str, pinned: frozenset[str]) -> None:
+        """Forget `name` (and mixtures built from it); unload now, or once no running row uses it."""
+        with self._lock:
+            if name not in self._known:
+                raise NotFound(f"no adapter named {name!r}", param="name", code="adapter_not_found")
+            del self._known[name]
+            dropped = [k for k, m in self._mixtures.items() if name in m.components]
+            for key in dropped:
+                del self._mixtures[key]
+        self._stale.update(k for k in [name, *dropped] if k in self._loaded)
+        self.collect(pinned)
+
+    def collect(self, pinned: frozenset[str]) -> None:
+        """Unload deleted adapters that no running row uses any more."""
+        for key in [k for k in self._stale if k not in pinned]:
+            self._unload(key)
+            self._stale.discard(key)
+
+    def ensure_loaded(self, key: str | None, pinned: frozenset[str] = frozenset()) -> bool:
+        """Make `key` ready for a forward pass. False: no room now (every slot used by running rows)."""
+        if key is None:
+            return True
+        if key in self._stale:
+            raise ModelNotFound(f"adapter {key!r} was deleted", param="model")
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return True
+        protected = pinned | {key}
+        if sum(1 for k in self._loaded if k in protected) >= self.max_loaded:
+            return False
+        with self._lock:
+            path, mixture = self._known.get(key), self._mixtures.get(key)
+        if mixture is not None:
+            for component in mixture.components:  # may overflow the cap briefly; trimmed below
+                self._load_file(component, protected | set(mixture.components))
+            self.host.mix(key, mixture.components, mixture.weights)
+            self._loaded[key] = None
+        elif path is not None:
+            self._load_file(key, protected)
+        else:
+            raise ModelNotFound(f"adapter {key!r} was deleted", param="model")
+        self._evict(protected)
+        return True
+
+    def _load_file(self, name: str, protected: set[str]) -> None:
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        with self._lock:
+            path = self._known.get(name)
+        if path is None:
+            raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
+        self._evict(protected, room_for=1)
+        try:
+            self.host.load(name, path)
+        except (LorakitError, OSError, ValueError, KeyError) as exc:
+            raise BadRequest(f"adapter {name!r} failed to load from {path}: {exc}", code="adapter_load_failed") from None
+        self.loads += 1
+        self._loaded[name] = None
+
+    def _evict(self, protected: set[str] | frozenset[str], room_for: int = 0) -> None:
+        """Unload least recently used adapters outside `protected` until within the cap."""
+        while len(self._loaded) + room_for > self.max_loaded:
+            victim = next((k for k in self._loaded if k not in protected), None)
+            if victim is None:
+                return
+            self._unload(victim)
+
+    def _unload(self, key: str) -> None:
+        self.host.unload(key)
+        self._loaded.pop(key, None)
+
+    @property
+    def loaded(self) -> list[str]:
+        """In-memory adapter keys, least recently used first."""
+        return list(self._loaded)

@@ -1,0 +1,176 @@
+"""The continuous-batching engine in process: batched == single, padding, joining, LRU, cancel."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from serve_helpers import make_tokenizer, shared_model_dirs
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import lorakit
+from lorakit.serve.engine import BatchCache, Engine, GenerationRequest, ModelHost, load_base_model
+from lorakit.serve.generation import SamplingParams
+from lorakit.serve.registry import AdapterRegistry
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def dirs():
+    # one intra-op thread: on a small shared machine, OpenMP threads fighting other processes make
+    # tiny matmuls ~50x slower (the server's --threads flag does the same)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield shared_model_dirs()
+    torch.set_num_threads(threads)
+
+
+def make_engine(dirs, max_loaded: int = 8, max_batch: int = 8) -> Engine:
+    host = ModelHost(load_base_model(dirs["base"]))
+    registry = AdapterRegistry(host, "base", max_loaded=max_loaded, root=dirs["root"])
+    for name in "abc":
+        registry.add(name, dirs[name], load=False)
+    return Engine(host, registry, make_tokenizer(), max_batch=max_batch)
+
+
+@pytest.fixture(scope="module")
+def engine(dirs):
+    eng = make_engine(dirs)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def run(engine: Engine, jobs, timeout: float = 60.0) -> list[tuple[str, str, int]]:
+    """Submit all jobs at once; (text, finish_reason, completion_tokens) per job."""
+    results: dict[int, list] = {i: [] for i in range(len(jobs))}
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(ev):
+            results[i].append(ev)
+            if ev.final:
+                done.release()
+        return on_event
+
+    for i, (ids, adapter, params) in enumerate(jobs):
+        engine.submit(GenerationRequest(list(ids), params, listener(i), adapter=adapter))
+    for _ in jobs:
+        assert done.acquire(timeout=timeout), "engine did not finish in time"
+    out = []
+    for i in range(len(jobs)):
+        evs = results[i]
+        assert evs[-1].error is None, evs[-1].error
+        out.append(("".join(e.text for e in evs), evs[-1].finish_reason, evs[-1].completion_tokens))
+    return out
+
+
+def random_jobs(n: int, seed: int, temperature: float = 0.0):
+    rng = random.Random(seed)
+    adapters = [None, "a", "b", "c"]
+    return [([rng.randrange(7, 120) for _ in range(rng.randint(1, 24))], adapters[i % 4],
+             SamplingParams(max_tokens=rng.randint(3, 24), temperature=temperature, seed=i, ignore_eos=i % 3 == 0))
+            for i in range(n)]
+
+
+def test_mixed_adapter_batch_equals_each_request_alone(engine):
+    jobs = random_jobs(12, seed=0)
+    alone = [run(engine, [job])[0] for job in jobs]
+    before = engine.stats.max_adapters
+    together = run(engine, jobs)
+    assert together == alone
+    assert engine.stats.max_rows == 8 and engine.stats.max_adapters == 4 >= before
+    assert {r[1] for r in alone} <= {"stop", "length"}
+
+
+def test_seeded_sampling_is_the_same_batched_or_alone(engine):
+    jobs = random_jobs(8, seed=1, temperature=0.9)
+    assert run(engine, jobs) == [run(engine, [job])[0] for job in jobs]
+
+
+def test_greedy_matches_transformers_generate(engine, dirs):
+    base = AutoModelForCausalLM.from_pretrained(dirs["base"], dtype=torch.float32)
+    model = lorakit.LoraModel.from_pretrained(base, dirs["b"], adapter_name="b")
+    ids = [9, 30, 31, 44, 12]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                         pad_token_id=1)
+    want = make_tokenizer().decode(out[0, len(ids):], skip_special_tokens=True)
+    got = run(engine, [(ids, "b", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))])[0]
+    assert got == (want, "length", 12)
+
+
+def test_left_padding_changes_logits_by_rounding_only(dirs):
+    """A decode step for a short row padded to a long row's width equals its unpadded step."""
+    host = ModelHost(load_base_model(dirs["base"]))
+    host.load("a", dirs["a"])
+    rows = [([5, 9, 40], "a"), ([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], None)]
+    batch, alone = BatchCache(), []
+    for ids, adapter in rows:
+        cache = DynamicCache(config=host.config)
+        host.forward(torch.tensor([ids]), [adapter], kv_cache=cache)
+        batch.join(cache, len(ids))
+        solo = DynamicCache(config=host.config)
+        host.forward(torch.tensor([ids]), [adapter], kv_cache=solo)
+        alone.append(host.forward(torch.tensor([[20]]), [adapter], kv_cache=solo,
+                                  position_ids=torch.tensor([[len(ids)]]))[0, -1])
+    mask, positions = batch.step_inputs()
+    assert mask.tolist()[0] == [0] * 8 + [1] * 4 and positions.flatten().tolist() == [3, 11]
+    step = host.forward(torch.tensor([[20], [20]]), ["a", None], kv_cache=batch.cache, attention_mask=mask,
+                        position_ids=positions)[:, -1]
+    for i in range(2):
+        assert (step[i] - alone[i]).abs().max().item() < 1e-5
+        assert int(step[i].argmax()) == int(alone[i].argmax())
+
+
+def test_rows_join_while_others_run(engine):
+    long_job = ([10, 11, 12], "a", SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    short_jobs = random_jobs(4, seed=3)
+    alone = [run(engine, [j])[0] for j in [long_job, *short_jobs]]
+    results: list = []
+    t = threading.Thread(target=lambda: results.extend(run(engine, [long_job])))
+    steps = engine.stats.steps
+    t.start()
+    while engine.stats.steps < steps + 5:  # the long row is decoding; now the others arrive
+        threading.Event().wait(0.005)
+    joined = run(engine, short_jobs)
+    t.join(60)
+    assert [results[0], *joined] == alone
+
+
+def test_cancelled_request_leaves_the_batch(engine):
+    events = []
+    request = GenerationRequest([5, 6, 7], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True),
+                                events.append, adapter="a")
+    engine.submit(request)
+    while not events:
+        threading.Event().wait(0.005)
+    request.cancel()
+    assert run(engine, random_jobs(2, seed=4))  # the engine goes on; the cancelled row is gone
+    assert not events[-1].final and len(events) < 120
+
+
+def test_lru_eviction_keeps_running_adapters_and_reloads_transparently(dirs):
+    engine = make_engine(dirs, max_loaded=2, max_batch=4)
+    engine.start()
+    try:
+        jobs = [([5, 9, 12], name, SamplingParams(max_tokens=6, temperature=0)) for name in "abc"]
+        first = [run(engine, [j])[0] for j in jobs]
+        assert engine.registry.loaded == ["b", "c"] and engine.registry.loads == 3
+        assert run(engine, [jobs[0]])[0] == first[0]  # "a" was evicted and comes back
+        assert engine.registry.loaded == ["c", "a"] and engine.registry.loads == 4
+        assert run(engine, jobs) == first  # 3 adapters, 2 slots: the third waits for a free slot
+        assert len(engine.host.adapters) <= 2
+    finally:
+        engine.stop()
+
+
+def test_mixture_with_one_term_equals_the_adapter(engine):
+    key = engine.registry.resolve("mix:a=1.0")
+    ids = [5, 20, 30, 40]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    assert run(engine, [(ids, key, params)]) == run(engine, [(ids, "a", params)])
+    half = engine.registry.resolve("mix:a=0.5,b=0.5")
+    assert run(engine, [(ids, half, params)])[0][0]  # builds and generates
