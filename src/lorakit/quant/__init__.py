@@ -5,6 +5,8 @@ test / benchmark reference and never imported here.
 """
 
 from .codes import dynamic_map, get_code
+from .convert import quantize_model
+from .linear4bit import Linear4bit, RequantizationWarning
 from .nf4 import (
     block_scales,
     dequantize_4bit,
@@ -17,8 +19,10 @@ from .nf4 import (
 from .state import NestedState, QuantState
 
 __all__ = [
+    "Linear4bit",
     "NestedState",
     "QuantState",
+    "RequantizationWarning",
     "block_scales",
     "dequantize_4bit",
     "dequantize_fp4",
@@ -27,5 +31,6 @@ __all__ = [
     "get_code",
     "quantize_4bit",
     "quantize_fp4",
+    "quantize_model",
     "quantize_nf4",
 ]

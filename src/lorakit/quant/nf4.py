@@ -137,11 +137,11 @@ def quantize_4bit(
         dtype=weight.dtype,
         blocksize=blocksize,
         quant_type=quant_type,
-        code=_code(quant_type).to(flat.device),
+        code=_code(quant_type).to(flat.device, copy=True),  # unshared: safetensors refuses aliases
     )
     if double_quant:
         offset = absmax.mean()  # () fp32
-        code2 = _dynamic_map().to(flat.device)
+        code2 = _dynamic_map().to(flat.device, copy=True)
         q_absmax, absmax2 = quantize_blockwise(absmax - offset, code2)
         state.absmax = q_absmax
         state.offset = offset

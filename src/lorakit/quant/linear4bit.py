@@ -1,0 +1,205 @@
+"""Linear4bit: a frozen Linear whose weight is stored as 4-bit NF4/FP4 codes.
+
+``y = x @ dequant(W)ᵀ + b``, computed in ``compute_dtype``. The backward pass dequantises W
+again instead of saving it, so a layer holds only its 4-bit weight between forward and backward,
+and no gradient is ever computed for W (it has none to receive).
+
+State-dict layout matches bitsandbytes' ``Linear4bit``: ``weight`` (packed uint8, (n/2, 1)),
+``bias``, and ``weight.absmax`` / ``weight.quant_map`` / ``weight.nested_absmax`` /
+``weight.nested_quant_map`` / ``weight.quant_state.bitsandbytes__nf4``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4 import dequantize_4bit, quantize_4bit
+from .state import QuantState
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class RequantizationWarning(UserWarning):
+    """A 4-bit weight was changed in place: dequantised, updated and quantised again (lossy)."""
+
+
+class _Dequant4bitMatmul(torch.autograd.Function):
+    """x @ Wᵀ with W rebuilt from 4-bit codes in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        weight = ctx.layer.dequantize(grad_out.dtype)  # (out, in), recomputed
+        return grad_out @ weight, None  # (..., in); the packed weight gets no gradient
+
+
+def _check_compute_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be float32, bfloat16 or float16 (or None), got {dtype}")
+    return dtype
+
+
+class Linear4bit(nn.Module):
+    """A frozen 4-bit ``nn.Linear``: same in/out features and bias, weight held as NF4/FP4 codes.
+
+    Build it with ``Linear4bit.from_linear(linear)``, or ``Linear4bit(packed, state, bias)`` from
+    already quantised data. ``compute_dtype`` None computes in the weight's original dtype.
+    """
+
+    lorakit_linear = True  # LoRA layers wrap it like an nn.Linear (forward / dequantize / add_to_weight_)
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        state: QuantState,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if len(state.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D (out, in) weight state, got shape {tuple(state.shape)}")
+        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
+        self.register_buffer("weight", packed.reshape(-1, 1))  # (ceil(out·in / 2), 1) uint8
+        self.quant_state = state
+        _check(self.weight, state)
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+    ) -> Linear4bit:
+        """Quantise ``linear.weight`` (fp32/fp16/bf16) blockwise; the bias is kept as is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        packed, state = quantize_4bit(linear.weight.detach(), blocksize, double_quant, quant_type)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, state, bias, compute_dtype)
+
+    # ---- the weight ----
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight, in ``dtype`` (default: the dtype it was quantised from)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype)
+
+    @torch.no_grad()
+    def add_to_weight_(self, delta: torch.Tensor) -> None:
+        """W ← quant(dequant(W) + delta): fp32 sum, quantised again with the same settings.
+
+        Lossy (a second rounding to 4 bits), so it warns; export a full-precision merge instead
+        when that matters.
+        """
+        if delta.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"delta must be ({self.out_features}, {self.in_features}), got {tuple(delta.shape)}"
+            )
+        state = self.quant_state
+        merged = self.dequantize(torch.float32) + delta.to(self.weight.device, torch.float32)
+        packed, new_state = quantize_4bit(
+            merged.to(state.dtype), state.blocksize, state.nested, state.quant_type
+        )
+        self.weight = packed
+        self.quant_state = new_state
+        warnings.warn(
+            f"added a delta to a 4-bit weight ({self.out_features}x{self.in_features}): dequantised, "
+            f"summed in fp32 and re-quantised to {state.quant_type}, which rounds again",
+            RequantizationWarning,
+            stacklevel=2,
+        )
+
+    # ---- compute ----
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or self.quant_state.dtype
+        out = _Dequant4bitMatmul.apply(x.to(dtype), self)  # (..., out)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        nested = ", double_quant" if self.quant_state.nested else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{nested}, compute_dtype={self.compute_dtype}"
+        )
+
+    # ---- device moves and the bitsandbytes state-dict layout ----
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(dtype) / .half() must not touch the fp32 scales and code books: only follow device moves.
+        super()._apply(fn, recurse)
+        if self.quant_state.absmax.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        entries = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight.")}
+        packed = state_dict.get(prefix + "weight")
+        if entries:
+            try:
+                state = QuantState.from_dict(entries, device=self.weight.device)
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    raise ValueError(
+                        f"its shape {tuple(state.shape)} isn't ({self.out_features}, {self.in_features})"
+                    )
+                if packed is not None:
+                    _check(packed, state)
+            except (ValueError, TypeError, KeyError) as exc:
+                error_msgs.append(f"{prefix}weight: can't load the 4-bit quant state: {exc}")
+                return
+            if packed is not None:
+                self.weight = packed.detach().to(self.weight.device).reshape(-1, 1).clone()
+                self.quant_state = state
+            ours = {prefix + "weight"} | {prefix + k for k in entries}
+            state_dict = {k: v for k, v in state_dict.items() if k not in ours}
+        elif strict and prefix + "weight" in state_dict:
+            error_msgs.append(
+                f"{prefix}weight: 4-bit layer got a weight without its quant state ({prefix}weight.*)"
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "weight" in missing_keys and entries and packed is not None:
+            missing_keys.remove(prefix + "weight")
+
+
+def _check(packed: torch.Tensor, state: QuantState) -> None:
+    state.validate()
+    if packed.dtype != torch.uint8 or packed.numel() != (state.numel + 1) // 2:
+        raise ValueError(
+            f"packed weight ({packed.dtype}, {packed.numel()} values) doesn't match its state "
+            f"(shape {tuple(state.shape)} needs {(state.numel + 1) // 2} uint8 bytes)"
+        )
