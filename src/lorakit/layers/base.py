@@ -99,6 +99,7 @@ class LoraLayer(nn.Module):
             frozen = frozen.base
         for p in frozen.parameters():
             p.requires_grad_(False)
+        self.train(base.training)  # a wrapper added to an eval-mode model is in eval mode too
 
     # ------------------------------------------------------------------ geometry (subclasses)
     @property
@@ -155,6 +156,7 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self.adapter_shapes(rank)
         adapter = adapter_cls(a_shape, b_shape, rank, alpha, scaling, dropout)
         adapter.to(**self.adapter_placement())
+        adapter.train(self.training)
         self.reset_adapter(adapter, init)
         self.adapters[name] = adapter
         return adapter

@@ -53,8 +53,8 @@ class DyLoraAdapter(LoraAdapter):
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         b = self.current_rank()
         x = layer.cast_input(x, self.lora_a.dtype)
-        u = layer.project_a(self.dropout(x), self.lora_a[:b]) * self.scaling_at(b)  # (..., b)
-        return result + layer.project_b(u, self.lora_b[:, :b]).to(result.dtype)
+        u = layer.project_a(self.dropout(x), self.lora_a[:b])  # (..., b)
+        return result + (layer.project_b(u, self.lora_b[:, :b]) * self.scaling_at(b)).to(result.dtype)
 
     def merge_into(self, layer: LoraLayer, safe: bool = True) -> None:
         self.merged_rank = min(self.active_rank, self.rank)
