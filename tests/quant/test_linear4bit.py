@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from quant_helpers import make_linear, tiny_llama
 
 from lorakit.quant import (
     Linear4bit,
@@ -13,27 +14,6 @@ from lorakit.quant import (
     quantize_model,
     quantize_nf4,
 )
-
-
-def make_linear(in_features=96, out_features=40, bias=True, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Linear(in_features, out_features, bias=bias).to(dtype)
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_from_linear_forward_is_linear_with_the_dequantised_weight():

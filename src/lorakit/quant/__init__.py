@@ -7,6 +7,7 @@ test / benchmark reference and never imported here.
 from .codes import dynamic_map, get_code
 from .convert import quantize_model
 from .linear4bit import Linear4bit, RequantizationWarning
+from .loading import load_4bit
 from .nf4 import (
     block_scales,
     dequantize_4bit,
@@ -16,6 +17,7 @@ from .nf4 import (
     quantize_fp4,
     quantize_nf4,
 )
+from .serialization import load_quantized, quantization_config, save_quantized
 from .state import NestedState, QuantState
 
 __all__ = [
@@ -29,8 +31,12 @@ __all__ = [
     "dequantize_nf4",
     "dynamic_map",
     "get_code",
+    "load_4bit",
+    "load_quantized",
+    "quantization_config",
     "quantize_4bit",
     "quantize_fp4",
     "quantize_model",
     "quantize_nf4",
+    "save_quantized",
 ]
