@@ -129,3 +129,21 @@ def test_unsupported_flavours(adapters, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "ADALORA"}))
     with pytest.raises(UnsupportedAdapterError, match="ADALORA"):
         read_adapter(folder)
+
+
+def test_reads_adapters_written_by_lorakit(tmp_path):
+    from analysis_helpers import randomize_lora
+
+    import lorakit
+    from lorakit.layers import LoraLayer
+
+    model = lorakit.get_lora_model(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                                     target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, 7)
+    model.save_pretrained(tmp_path / "ours")
+    layers = read_adapter(tmp_path / "ours").layers
+    wrapped = {n.removeprefix("model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(wrapped) == sorted(layers)
+    for name, module in wrapped.items():
+        torch.testing.assert_close(ar.delta_weight(layers[name].factors), module.delta_weight("default").double(),
+                                   rtol=1e-6, atol=1e-7)

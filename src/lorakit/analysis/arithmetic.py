@@ -90,7 +90,8 @@ def effective_rank(s: torch.Tensor, energy: float) -> int:
         return 0
     cumulative = torch.cumsum(power, 0) / total
     # a hair of slack so energy=1.0 doesn't fail on rounding in the last digit
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+    index = int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=torch.float64)))
+    return min(index + 1, s.shape[0])
 
 
 def truncation_error(s: torch.Tensor, rank: int) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,6 +137,8 @@ def combine(sources: Sequence[str | os.PathLike], out: str | os.PathLike, weight
     weights default to 1/n each. The output's config (targets, task type, base model) is the first
     adapter's; its non-LoRA tensors (modules_to_save) are the first adapter's too.
     """
+    if any(Path(out).resolve() == Path(s).resolve() for s in sources):
+        raise ValueError(f"--out {out} is one of the inputs; write the combined adapter somewhere else")
     adapters = [read_adapter(s) for s in sources]
     weights = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(w) for w in weights]
     layers, report = combine_layers(adapters, weights, method, rank=rank, density=density, seed=seed)

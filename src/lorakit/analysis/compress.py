@@ -75,10 +75,10 @@ def compress_layers(adapter: Adapter, rank: int | None = None, energy: float | N
 def compress(source: str | os.PathLike, out: str | os.PathLike, rank: int | None = None,
              energy: float | None = None) -> CompressReport:
     """Read the adapter at `source`, compress it, and write a PEFT-format adapter to `out`."""
-    adapter = read_adapter(source)
-    layers, report = compress_layers(adapter, rank=rank, energy=energy)
     if Path(out).resolve() == Path(source).resolve():
         raise ValueError(f"--out {out} is the source adapter; write the compressed copy somewhere else")
+    adapter = read_adapter(source)
+    layers, report = compress_layers(adapter, rank=rank, energy=energy)
     write_adapter(out, layers, adapter.config, adapter.extra, adapter.dtype)
     return CompressReport(str(source), str(out), adapter.num_params,
                           sum(lay.num_params for lay in layers.values()), report)

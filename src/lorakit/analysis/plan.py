@@ -161,6 +161,24 @@ def validate(request: PlanRequest) -> None:
         raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
 
 
+@dataclass
+class ParamCount:
+    trainable: int  # Σ r·(d + k) over adapted layers
+    base: int  # parameters of the model before LoRA
+    adapted_layers: int
+
+
+def count_parameters(model: nn.Module, r: int, target: str | list[str]) -> ParamCount:
+    """LoRA parameter counts for `model` (any nn.Module; build it on the meta device), which is wrapped in place."""
+    import lorakit
+    from lorakit.layers import LoraLayer
+
+    base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    wrapped = lorakit.get_lora_model(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target))
+    trainable = sum(p.numel() for p in {id(p): p for p in wrapped.parameters()}.values() if p.requires_grad)
+    return ParamCount(trainable, base, sum(1 for m in wrapped.modules() if isinstance(m, LoraLayer)))
+
+
 def plan_memory(request: PlanRequest) -> MemoryPlan:
     """Parameter counts and the peak-memory split of one LoRA training step (see module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -1,0 +1,27 @@
+"""The planner against the measured peak memory of real short training runs (slow: ~30 s each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lorakit.analysis.measure import measure_training_peak
+from lorakit.analysis.plan import PlanRequest, plan_memory
+
+CONFIGS = {
+    "tiny-llama-all-linear": PlanRequest("tiny-llama", r=16, batch=4, seq=128),
+    "minilm-qv": PlanRequest("minilm", r=8, target=["query", "value"], batch=16, seq=128),
+    "tiny-llama-checkpointing": PlanRequest("tiny-llama", r=16, batch=4, seq=128, grad_checkpointing=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures RSS through Linux /proc")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_plan_within_15_percent_of_measured_peak(name):
+    request = CONFIGS[name]
+    planned = plan_memory(request).total_bytes
+    measured = measure_training_peak(request, steps=2).peak_bytes
+    assert abs(planned - measured) / measured < 0.15, f"{name}: planned {planned / 2**20:.0f} MiB, " \
+                                                      f"measured {measured / 2**20:.0f} MiB"
