@@ -220,3 +220,17 @@ def test_concurrent_mixed_adapter_greedy_equals_single(http):
         assert together == alone
     stats = http.get("/v1/stats", headers=AUTH).json()["engine"]
     assert stats["max_rows"] >= 2 and stats["steps"] > steps["steps"] and stats["failures"] == 0
+
+
+def test_load_test_script_reports_zero_errors(server):
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import load_test
+
+    report = asyncio.run(load_test.run_load(server.url, KEY, requests=24, concurrency=8, max_seconds=60,
+                                            max_tokens=8, models=["a", "b", "base"], check=True, stream_every=3))
+    assert report["errors"] == 0 and report["completed"] == 24, report["error_samples"]
+    assert report["latency_p50_s"] <= report["latency_p99_s"] and report["engine"]["max_rows"] >= 2
