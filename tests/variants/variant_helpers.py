@@ -25,6 +25,7 @@ class Fake4bitLinear(nn.Module):
         self.register_buffer("codes", torch.zeros(linear.weight.shape, dtype=torch.int8))
         self.register_buffer("scale", torch.zeros(linear.out_features, 1))
         self._quantize(linear.weight.detach().float())
+        self.train(linear.training)
 
     def _quantize(self, weight: torch.Tensor) -> None:
         scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 7  # (out, 1)

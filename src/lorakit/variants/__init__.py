@@ -26,6 +26,7 @@ inits, once per layer) and :func:`prepare_load` (before loading a folder). A tra
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 import torch
@@ -73,7 +74,13 @@ def adapter_class(config: LoraConfig, layer: LoraLayer) -> type[LoraAdapter]:
 def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) -> None:
     """Run the init that needs the base weight (PiSSA), then the variant's own setup."""
     init = config.init_lora_weights
-    if isinstance(init, str) and init.startswith("pissa"):
+    is_pissa = isinstance(init, str) and init.startswith("pissa")
+    others = [a for a in layer.adapters.values() if a is not adapter]
+    if others and (is_pissa or any(hasattr(a, "pissa_a0") for a in others)):
+        warnings.warn("a PiSSA adapter shares a layer with other adapters: PiSSA rewrote the base weight to "
+                      "W0 − s·B0·A0, so the others see that residual. Keep PiSSA adapters alone, or convert them "
+                      "with lorakit.variants.pissa.to_lora_factors", stacklevel=4)
+    if is_pissa:
         pissa_init(layer, adapter, init)
     adapter.setup(layer, config)
 
