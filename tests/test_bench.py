@@ -1,0 +1,35 @@
+"""The benchmark harness itself: interleaving, ratios and target checks."""
+
+from __future__ import annotations
+
+import json
+
+from lorakit.bench import core, suite
+from lorakit.cli import main
+
+
+def test_interleaved_runs_every_fn_in_rounds():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b")}
+    timings = core.interleaved(fns, repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then A B A B A B
+    assert all(len(t.times) == 3 and t.min <= t.median for t in timings.values())
+
+
+def test_row_ratio_and_targets():
+    assert suite.Row("x", 1.05, 1.0, "floor", "<= 1.08").met is True
+    assert suite.Row("x", 1.10, 1.0, "floor", "<= 1.08").met is False
+    assert suite.Row("x", 0.95, 1.0, "one", ">= 0.90").met is True
+    assert suite.Row("x", 1.0, 2.0, "ref", "").met is None
+    assert suite.Row("x", 1.0, 4.0, "ref", "").ratio == 0.25
+
+
+def test_bench_cli_loading_section_writes_json(tmp_path, monkeypatch):
+    original = suite.adapter_loading
+    monkeypatch.setattr(suite, "adapter_loading", lambda count=50: original(count=4))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--only", "loading", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    figures = {row["figure"]: row for row in data["rows"]}
+    assert "load adapter #4 vs #1" in figures and figures["load adapter #4 vs #1"]["ours"] > 0
+    assert data["command"] and data["machine"]
