@@ -5,20 +5,24 @@ import torch
 import torch._dynamo
 
 
-@pytest.fixture
-def bnbf():
-    """``bitsandbytes.functional``, set up so the comparison tests stay fast.
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run these small-tensor tests on one intra-op thread.
 
-    - torch.compile is off: bnb's fallback dequantisation (odd last dimensions) is wrapped in it
-      and would spend seconds compiling per shape; eager mode gives the same numbers.
-    - torch runs single-threaded: bnb's C kernels bring their own OpenMP pool, and on a 2-core
-      machine its spinning threads stall torch's pool (a 2 ms op becomes 20 ms).
+    On a busy 2-core machine an OpenMP barrier waits for a descheduled sibling thread, which
+    turns a 50 µs matmul into 20 ms; tiny tensors gain nothing from a second thread anyway.
+    It also keeps bitsandbytes' own OpenMP pool (its C kernels) from fighting torch's.
     """
-    functional = pytest.importorskip("bitsandbytes.functional")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with torch._dynamo.config.patch(disable=True):
-            yield functional
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def bnbf():
+    """``bitsandbytes.functional`` with torch.compile off: bnb's fallback dequantisation (odd last
+    dimensions) is wrapped in torch.compile, which would spend seconds compiling per shape."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    with torch._dynamo.config.patch(disable=True):
+        yield functional

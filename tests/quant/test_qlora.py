@@ -1,0 +1,87 @@
+"""QLoRA end to end: LoRA adapters trained on a 4-bit (NF4) base."""
+
+import pytest
+import torch
+from quant_helpers import tiny_llama
+
+import lorakit
+from lorakit.quant import Linear4bit, RequantizationWarning, quantize_model
+
+# counting sequences (next token = previous + 1, mod 128) from 4 random starts
+IDS = (torch.randint(0, 128, (4, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(24)) % 128
+
+
+def qlora_model(checkpointing=True, quantize=True):
+    base = tiny_llama()
+    if quantize:
+        quantize_model(base, "nf4", double_quant=True, compute_dtype=torch.float32)
+    if checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    config = lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+    model = lorakit.get_lora_model(base, config)
+    model.train()
+    return base, model
+
+
+def train(model, steps=30, lr=1e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_loss_falls_with_gradient_checkpointing_as_on_the_full_precision_base():
+    base, model = qlora_model()
+    layers = [m for m in base.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14
+    calls = []
+    layers[0].register_forward_hook(lambda *_: calls.append(1))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert not any(p.requires_grad for layer in layers for p in layer.parameters())
+    losses = train(model)
+    assert len(calls) == 60  # every step ran the 4-bit layer again in backward (checkpointing)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5]) - 4 * 0.5, losses
+    full_precision = train(qlora_model(quantize=False)[1])  # plain LoRA, same seeds and data
+    assert abs(losses[-1] - full_precision[-1]) < 0.05, (losses[-1], full_precision[-1])
+
+
+def test_gradients_reach_lora_and_inputs_never_the_packed_weights():
+    base, model = qlora_model(checkpointing=False)
+    embeds = base.get_input_embeddings()(IDS).detach().requires_grad_(True)
+    model(inputs_embeds=embeds, labels=IDS).loss.backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lora) == 2 * 14
+    for name, param in lora:
+        assert param.grad is not None, name
+    assert any(p.grad.abs().sum() > 0 for _, p in lora)
+    for layer in (m for m in base.modules() if isinstance(m, Linear4bit)):
+        assert layer.weight.grad is None and not layer.weight.requires_grad
+        assert layer.weight.dtype == torch.uint8
+
+
+def test_merge_into_the_4bit_base_requantises_and_says_so():
+    base, model = qlora_model(checkpointing=False)
+    train(model, steps=5)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        with model.disable_adapters():
+            without = model(input_ids=IDS).logits
+    with pytest.warns(RequantizationWarning, match="re-quantised"):
+        model.merge_adapter()
+    with torch.no_grad():
+        merged = model(input_ids=IDS).logits
+    assert not torch.equal(merged, unmerged)  # a second rounding to 4 bits
+    error = (merged - unmerged).norm()
+    assert error < 0.2 * unmerged.norm()  # 4-bit rounding noise (≈0.10 here) ...
+    assert error < 0.25 * (without - unmerged).norm()  # ... far below what the adapter changed (≈1.05)
+    assert all(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.uint8 for m in base.modules()
+               if isinstance(m, Linear4bit))  # fmt: skip
