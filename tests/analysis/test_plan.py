@@ -131,3 +131,13 @@ def test_live_memory_counts_new_storages_once():
             d = c * 2  # 2000 B
             del c, d
     assert (tracker.live, tracker.peak) == (0, 6000)
+
+
+def test_advice_searches_batch_with_checkpointing(one_layer):
+    request = PlanRequest(one_layer, r=8, batch=2, seq=64, grad_checkpointing=True, quant="nf4")
+    plan = plan_memory(request)
+    one = plan_memory(PlanRequest(one_layer, r=8, batch=1, seq=64, grad_checkpointing=True, quant="nf4"))
+    lines = advise(request, plan, budget_gb=(one.total_bytes + 1) / 1024**3)
+    assert lines[-1].startswith("  --batch 1:") and lines[-1].endswith("(fits)")
+    lines = advise(request, plan, budget_gb=(one.total_bytes - 1) / 1024**3)
+    assert lines[-1].startswith("  even --batch 1 needs") and "use a shorter --seq" in lines[-1]

@@ -99,9 +99,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         for row in comparison.layers:
             print(f"{row.name:<{width}}  {_fmt(row.cosine, '+.4f')}")
         print(f"mean {_fmt(comparison.mean_cosine, '+.4f')}, overall {_fmt(comparison.overall_cosine, '+.4f')}")
-        for label, names in (("only in", comparison.only_in_a), ("only in other:", comparison.only_in_b)):
+        for path, names in ((comparison.path_a, comparison.only_in_a), (comparison.path_b, comparison.only_in_b)):
             if names:
-                print(f"{label} {', '.join(names)}")
+                print(f"only in {path}: {', '.join(names)}")
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0

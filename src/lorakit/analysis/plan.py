@@ -233,30 +233,52 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
 
 
 def advise(request: PlanRequest, plan: MemoryPlan, budget_gb: float) -> list[str]:
-    """What to change when the plan exceeds `budget_gb` GiB, each option re-planned (empty if it fits)."""
+    """What to change when the plan exceeds `budget_gb` GiB; every option is re-planned, not guessed."""
     budget = budget_gb * GIB
     if plan.total_bytes <= budget:
         return [f"fits: {plan.total_bytes / GIB:.2f} GiB of {budget_gb:g} GiB"]
     largest = max(plan.parts().items(), key=lambda kv: kv[1])
     lines = [f"does not fit: {plan.total_bytes / GIB:.2f} GiB > {budget_gb:g} GiB budget "
              f"(largest part: {largest[0]} {largest[1] / GIB:.2f} GiB). Options:"]
-    options: list[tuple[str, PlanRequest]] = []
-    if not request.grad_checkpointing:
-        options.append(("--grad-checkpointing", dataclasses.replace(request, grad_checkpointing=True)))
-    if request.quant is None:
-        options.append(("--quant nf4 (4-bit base, bf16 compute)", dataclasses.replace(request, quant="nf4")))
-    if request.batch > 1:
-        options.append((f"--batch {request.batch // 2}", dataclasses.replace(request, batch=request.batch // 2)))
-    if request.r > 1:
-        options.append((f"--r {max(1, request.r // 2)}", dataclasses.replace(request, r=max(1, request.r // 2))))
-    all_in = dataclasses.replace(request, grad_checkpointing=True, quant="nf4", batch=1)
-    if all_in != request:
-        options.append(("all of: --grad-checkpointing --quant nf4 --batch 1", all_in))
-    for label, option in options:
+    replace = dataclasses.replace
+    singles = [replace(request, grad_checkpointing=True), replace(request, quant="nf4"),
+               replace(request, batch=max(1, request.batch // 2)), replace(request, r=max(1, request.r // 2))]
+    fitted = False
+    for option in [o for i, o in enumerate(singles) if o != request and o not in singles[:i]]:
         total = plan_memory(option).total_bytes
-        verdict = "fits" if total <= budget else "still too big"
-        lines.append(f"  {label}: {total / GIB:.2f} GiB ({verdict})")
+        fitted |= total <= budget
+        lines.append(f"  {_flags(request, option)}: {total / GIB:.2f} GiB "
+                     f"({'fits' if total <= budget else 'still too big'})")
+    if fitted:
+        return lines
+    # nothing single fits: the largest batch that fits with checkpointing, then with a 4-bit base too
+    combos = [replace(request, grad_checkpointing=True), replace(request, grad_checkpointing=True, quant="nf4")]
+    for option in [o for i, o in enumerate(combos) if o not in combos[:i]]:
+        batch = request.batch
+        while batch >= 1:
+            candidate = replace(option, batch=batch)
+            total = plan_memory(candidate).total_bytes
+            if total <= budget:
+                lines.append(f"  {_flags(request, candidate)}: {total / GIB:.2f} GiB (fits)")
+                return lines
+            batch //= 2
+    lines.append(f"  even {_flags(request, candidate)} needs {total / GIB:.2f} GiB: "
+                 "use a shorter --seq or a smaller model")
     return lines
+
+
+def _flags(before: PlanRequest, after: PlanRequest) -> str:
+    """The command-line changes that turn `before` into `after`."""
+    flags = []
+    if after.grad_checkpointing and not before.grad_checkpointing:
+        flags.append("--grad-checkpointing")
+    if after.quant != before.quant:
+        flags.append(f"--quant {after.quant}")
+    if after.batch != before.batch:
+        flags.append(f"--batch {after.batch}")
+    if after.r != before.r:
+        flags.append(f"--r {after.r}")
+    return " ".join(flags) or "as is"
 
 
 def format_plan(plan: MemoryPlan) -> str:
