@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")  # never starts with "_": internal names do
 MIX_PREFIX = "mix:"
 MAX_MIX_COMPONENTS = 4
+MAX_MIXTURES = 256  # distinct mixture specs remembered (each is a few floats; loaded ones are LRU-capped)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,11 @@ class AdapterRegistry:
             if missing:
                 raise ModelNotFound(f"mixture {model!r} names unknown adapters {missing}", param="model")
             mix = Mixture(tuple(n for n, _ in terms), tuple(w for _, w in terms))
+            if mix.name not in self._mixtures and len(self._mixtures) >= MAX_MIXTURES:
+                idle = next((k for k in self._mixtures if k not in self._loaded), None)
+                if idle is None:
+                    raise BadRequest(f"too many distinct mixtures in use (at most {MAX_MIXTURES})", param="model")
+                del self._mixtures[idle]
             self._mixtures.setdefault(mix.name, mix)
             return mix.name
 
@@ -188,7 +194,8 @@ class AdapterRegistry:
         if key in self._stale:
             raise ModelNotFound(f"adapter {key!r} was deleted", param="model")
         if key in self._loaded:
-            self._loaded.move_to_end(key)
+            with self._lock:
+                self._loaded.move_to_end(key)
             return True
         protected = pinned | {key}
         if sum(1 for k in self._loaded if k in protected) >= self.max_loaded:
@@ -198,8 +205,13 @@ class AdapterRegistry:
         if mixture is not None:
             for component in mixture.components:  # may overflow the cap briefly; trimmed below
                 self._load_file(component, protected | set(mixture.components))
-            self.host.mix(key, mixture.components, mixture.weights)
-            self._loaded[key] = None
+            try:
+                self.host.mix(key, mixture.components, mixture.weights)
+            except (LorakitError, ValueError) as exc:
+                raise BadRequest(f"can't build mixture {mixture.components}: {exc}", param="model",
+                                 code="invalid_mixture") from None
+            with self._lock:
+                self._loaded[key] = None
         elif path is not None:
             self._load_file(key, protected)
         else:
@@ -208,10 +220,10 @@ class AdapterRegistry:
         return True
 
     def _load_file(self, name: str, protected: set[str]) -> None:
-        if name in self._loaded:
-            self._loaded.move_to_end(name)
-            return
         with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return
             path = self._known.get(name)
         if path is None:
             raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
@@ -221,7 +233,8 @@ class AdapterRegistry:
         except (LorakitError, OSError, ValueError, KeyError) as exc:
             raise BadRequest(f"adapter {name!r} failed to load from {path}: {exc}", code="adapter_load_failed") from None
         self.loads += 1
-        self._loaded[name] = None
+        with self._lock:
+            self._loaded[name] = None
 
     def _evict(self, protected: set[str] | frozenset[str], room_for: int = 0) -> None:
         """Unload least recently used adapters outside `protected` until within the cap."""
@@ -233,9 +246,11 @@ class AdapterRegistry:
 
     def _unload(self, key: str) -> None:
         self.host.unload(key)
-        self._loaded.pop(key, None)
+        with self._lock:
+            self._loaded.pop(key, None)
 
     @property
     def loaded(self) -> list[str]:
         """In-memory adapter keys, least recently used first."""
-        return list(self._loaded)
+        with self._lock:
+            return list(self._loaded)
