@@ -73,6 +73,8 @@ class LoraLinear(LoraLayer):
         """
         if not torch.is_grad_enabled() or not x.requires_grad and not self.training:
             return None
+        if torch.is_autocast_enabled(x.device.type):  # backward() runs outside autocast: mixed dtypes there
+            return None
         if self.disabled or self.routing is not None or len(self.active_adapters) != 1:
             return None
         if type(self.base) is not nn.Linear or self.base.weight.requires_grad:
