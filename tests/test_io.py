@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_llama
+from factories import randomize_lora, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lorakit

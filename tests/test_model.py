@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
+from factories import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetModuleError

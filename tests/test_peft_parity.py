@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import MODELS, randomize_lora
+from factories import MODELS, randomize_lora
 from safetensors.torch import load_file
 
 import lorakit

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from conftest import randomize_lora, tiny_llama
+from factories import randomize_lora, tiny_llama
 
 WORDS = (
     "the a an of to and in is it that for on with as was by at from this be are or not have "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, randomize_lora
+from factories import MODELS, randomize_lora
 from variant_helpers import Fake4bitLinear, logits, quantize_linears
 
 import lorakit

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from conftest import MODELS, randomize_lora
+from factories import MODELS, randomize_lora
 from variant_helpers import Fake4bitLinear, logits, quantize_linears
 
 import lorakit

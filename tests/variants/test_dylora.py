@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import MODELS, randomize_lora
+from factories import MODELS, randomize_lora
 from variant_helpers import logits
 
 import lorakit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS
+from factories import MODELS
 
 import lorakit
 from lorakit import ConfigError, LoraConfig

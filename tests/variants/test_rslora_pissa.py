@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-from conftest import MODELS, randomize_lora
+from factories import MODELS, randomize_lora
 from variant_helpers import logits, quantize_linears
 
 import lorakit
