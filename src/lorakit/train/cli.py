@@ -72,9 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
+    from lorakit.generate import quiet_transformers
     from lorakit.train.config import load_config
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_transformers()
     try:
         cfg = load_config(args.config, args.overrides)
     except LorakitError as exc:

@@ -36,7 +36,8 @@ class ModelSection(_Section):
         "base model: a preset (minilm = packaged all-MiniLM-L6-v2, tiny-llama = random-init small Llama "
         "with a byte-level tokenizer) or a local transformers checkpoint folder"))
     task: Literal["auto", "causal_lm", "classification"] = Field("auto", description=(
-        "what the model learns; auto = classification when data.format is classification, else causal_lm"))
+        "what the model learns; auto = classification when the records are text/label (or CSV, "
+        "builtin:<task>), else causal_lm"))
     torch_dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
         "dtype the frozen base weights are stored in (LoRA factors stay float32)"))
     num_labels: int | None = Field(None, ge=2, description=(
@@ -136,8 +137,10 @@ class TrainConfig(_Section):
     def task(self) -> str:
         if self.model.task != "auto":
             return self.model.task
-        return "classification" if self.data.format == "classification" or _is_builtin(self.data.train_file) \
-            else "causal_lm"
+        # decided for good by the records' format once they are read (Trainer sets model.task)
+        classification = self.data.format == "classification" or _is_builtin(self.data.train_file) \
+            or self.data.train_file.lower().endswith(".csv")
+        return "classification" if classification else "causal_lm"
 
     def lora_config(self) -> LoraConfig:
         data = dict(self.lora)

@@ -78,10 +78,10 @@ def _bos(tokenizer: Any) -> list[int]:
     return [int(value)] if value is not None else []
 
 
-def prompt_ids(tokenizer: Any, fmt: str, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Any, fmt: str, prompt: str, input_text: str = "") -> list[int]:
     """Token ids a generation should start from, laid out as training laid out prompts."""
     if fmt == "instruction":
-        return _bos(tokenizer) + _ids(tokenizer, instruction_prompt(prompt))
+        return _bos(tokenizer) + _ids(tokenizer, instruction_prompt(prompt, input_text))
     if fmt == "chat":
         segments = chat_segments(tokenizer, [{"role": "user", "content": prompt}], generation=True)
         return [i for ids, _ in segments for i in ids]

@@ -28,7 +28,10 @@ def check_quant_available(cfg: TrainConfig) -> None:
     """quant.method: nf4 needs lorakit.quantize_model; say so before any model loads."""
     if cfg.quant.method == "none":
         return
-    quant = importlib.import_module("lorakit.quant")
+    try:
+        quant = importlib.import_module("lorakit.quant")
+    except ImportError:
+        quant = None
     if not hasattr(quant, "quantize_model"):
         raise ConfigError(
             f"quant.method: {cfg.quant.method} needs lorakit.quantize_model, which this lorakit build does not "
@@ -63,9 +66,13 @@ def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None
     base.to(device)
     model = get_lora_model(base, cfg.lora_config())
     if cfg.train.gradient_checkpointing:
-        if not hasattr(base, "gradient_checkpointing_enable"):
+        kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(base, "gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ConfigError("train.gradient_checkpointing needs a transformers model")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # the embeddings are frozen, so their output needs grad for checkpointed blocks to backprop
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -45,10 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
+    from lorakit.generate import quiet_transformers
     from lorakit.train.model_setup import load_trained
     from lorakit.train.records import read_records
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_transformers()
     try:
         model, tokenizer, meta = load_trained(args.adapter, args.base)
         labels = meta.get("labels")

@@ -15,6 +15,7 @@ class Prepared:
     train: list[Example]
     eval: list[Example] | None
     format: str
+    task: str  # causal_lm or classification (model.task: auto resolved by the data format)
     labels: list[str] | None  # classification label names, in output order
     stats: dict[str, Any] = field(default_factory=dict)  # counts reported to the user
 
@@ -42,7 +43,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any) -> Prepared:
     if evaluation is not None:
         stats.update(eval_records=len(evaluation.items), bad_records=train.bad + evaluation.bad)
         stats["bad_examples"] += evaluation.bad_examples
-    task = cfg.task
+    task = cfg.model.task if cfg.model.task != "auto" else \
+        ("classification" if fmt == "classification" else "causal_lm")
     if task == "classification":
         if fmt != "classification":
             raise DataError(f"model.task is classification but the data is in {fmt} format (needs text/label)")
@@ -60,4 +62,4 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any) -> Prepared:
     if not enc.examples:
         raise DataError(f"no training example has anything to learn after truncation to {d.max_length} tokens; "
                         "raise data.max_length")
-    return Prepared(enc.examples, enc_eval.examples if enc_eval else None, fmt, labels, stats)
+    return Prepared(enc.examples, enc_eval.examples if enc_eval else None, fmt, task, labels, stats)

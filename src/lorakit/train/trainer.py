@@ -34,6 +34,7 @@ from lorakit.train.prepare import Prepared, prepare_data, targets
 from lorakit.train.presets import load_tokenizer
 
 log = logging.getLogger(__name__)
+PLOT_SECONDS = 30.0
 
 
 class TrainingDivergedError(LorakitError, FloatingPointError):
@@ -70,6 +71,7 @@ class Trainer:
         self.resume = resume
         self.reporter = reporter or Reporter()
         self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.plotted = -math.inf  # the first eval/save draws loss.png at once
 
     def run(self) -> RunResult:
         info = distributed.setup(self.cfg.train.device)
@@ -93,6 +95,7 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         data = prepare_data(cfg, tokenizer)
+        cfg.model.task = data.task  # "auto" resolved from the data, for the model and config.yaml
         self.data, self.tokenizer, self.info = data, tokenizer, info
         self.num_labels = len(data.labels) if data.labels else None
         model = build_model(cfg, data.labels, run_dir if info.is_main else None, info.device)
@@ -224,16 +227,20 @@ class Trainer:
                           "loss": w[0] / max(w[1], 1), "lr": lr, "grad_norm": w[3] / steps_in_window,
                           "tokens": state["tokens"], "tokens_per_s": round(tok_s, 1)})
             state["window"] = [0.0, 0, 0, 0.0]
-        evaluated = False
-        if self.data.eval and ((tc.eval_every and step % tc.eval_every == 0) or last):
+        evaluated = bool(self.data.eval) and ((tc.eval_every and step % tc.eval_every == 0) or last)
+        if evaluated:
             self._evaluate(step)
-            evaluated = True
-        if (tc.save_every and step % tc.save_every == 0) or last:
+        saved = (tc.save_every and step % tc.save_every == 0) or last
+        if saved:
             self._save(run_dir)
-            if self.metrics is not None:
-                plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
-        elif evaluated and self.metrics is not None:
+        # redraw on news, at most every PLOT_SECONDS (matplotlib costs ~0.3 s); _finish draws the last one
+        if (evaluated or saved) and not last and time.perf_counter() - self.plotted > PLOT_SECONDS:
+            self._plot(run_dir)
+
+    def _plot(self, run_dir: Path) -> None:
+        if self.metrics is not None:
             plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
+        self.plotted = time.perf_counter()
 
     def _evaluate(self, step: int) -> dict[str, float]:
         tc = self.cfg.train
@@ -285,8 +292,8 @@ class Trainer:
             final = self.last_eval[1] if done else self._evaluate(total_steps)  # type: ignore[index]
         if self.info.is_main:
             write_final(self.model, self.tokenizer, self.cfg, self.data, run_dir)
+            self._plot(run_dir)
             if self.metrics is not None:
-                plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
                 (run_dir / "summary.json").write_text(json.dumps(
                     {"steps": self.state["step"], "final": final, "best": self.state["best"],
                      "data": self.data.stats}, indent=2) + "\n")

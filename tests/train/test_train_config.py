@@ -1,0 +1,97 @@
+"""The train config: validation messages, --set overrides, generated help. No model is loaded here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
+from lorakit.train.config import TrainConfig, describe_keys, load_config
+
+BASE = {"data": {"train_file": "x.jsonl"}}
+
+
+def error_for(raw: dict, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(raw=raw, overrides=list(overrides))
+    return str(info.value)
+
+
+def test_defaults_and_overrides_parse_values_as_yaml():
+    cfg = load_config(raw=BASE, overrides=["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]",
+                                           "train.max_grad_norm=null", "data.packing=true"])
+    assert cfg.train.lr == 1e-4
+    assert cfg.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.train.max_grad_norm is None
+    assert cfg.data.packing is True
+    assert cfg.task == "causal_lm"
+    assert cfg.lora_config().task_type == "CAUSAL_LM"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    msg = error_for(BASE, "train.learning_rate=0.1")
+    assert "train.learning_rate (got 0.1): unknown key; allowed here: output_dir, seed," in msg
+    assert "config.trian" not in error_for(BASE, "trian.lr=1")
+    assert "trian (got {'lr': 1}): unknown key; allowed here: model, quant, lora, data, train" in \
+        error_for(BASE, "trian.lr=1")
+
+
+def test_wrong_type_and_out_of_range_name_key_value_and_rule():
+    assert "train.lr (got 'fast'): Input should be a valid number" in error_for(BASE, "train.lr=fast")
+    assert "train.batch_size (got 0): Input should be greater than or equal to 1" in \
+        error_for(BASE, "train.batch_size=0")
+    assert "train.schedule (got 'step'): Input should be 'cosine', 'linear' or 'constant'" in \
+        error_for(BASE, "train.schedule=step")
+    assert "data: required key is missing" in error_for({})
+    assert "data.train_file: required key is missing" in error_for({"data": {}})
+    assert "set warmup_steps or warmup_ratio, not both" in error_for(BASE, "train.warmup_steps=3",
+                                                                       "train.warmup_ratio=0.1")
+
+
+def test_lora_section_is_the_loraconfig_fields():
+    msg = error_for(BASE, "lora.rank=8")
+    assert "lora.rank is not a LoraConfig field; allowed: alpha_pattern, base_model_name_or_path, bias," in msg
+    assert "lora (got {'r': 0}): r must be a positive integer (the LoRA rank), got 0" in error_for(BASE, "lora.r=0")
+    cfg = load_config(raw=BASE, overrides=["lora.use_rslora=true", "lora.r=4", "lora.target_modules=all-linear"])
+    assert cfg.lora_config().use_rslora is True
+    assert cfg.lora_config().scaling_for("x") == 8 / 4**0.5  # LoraConfig's default alpha (8), rsLoRA α/√r
+    assert cfg.lora == {"use_rslora": True, "r": 4, "target_modules": "all-linear"}
+
+
+def test_bad_set_syntax():
+    assert "--set expects key=value" in error_for(BASE, "train.lr")
+
+
+def test_help_lists_every_key():
+    text = describe_keys()
+    for section, field in TrainConfig.model_fields.items():
+        sub = field.annotation
+        if section == "lora":
+            names = [f.name for f in dataclasses.fields(LoraConfig)
+                     if f.name not in ("extra", "inference_mode", "revision", "peft_type", "base_model_name_or_path")]
+        else:
+            names = list(sub.model_fields)
+        for name in names:
+            assert f"  {section}.{name} (" in text, f"{section}.{name} missing from --help"
+    assert "LoRA+: the B factors (*.lora_b) learn at lr × ratio" in text
+    assert "lora.r (int; default 8)" in text and "rank of the update" in text
+
+
+def test_resolved_config_is_complete_and_round_trips(tmp_path):
+    cfg = load_config(raw={"data": {"train_file": "builtin:word-sentiment"}, "lora": {"r": 4, "target_modules": "all-linear"}})
+    resolved = cfg.resolved()
+    assert cfg.task == "classification"
+    assert resolved["lora"]["task_type"] == "SEQ_CLS" and resolved["lora"]["r"] == 4
+    assert resolved["train"]["keep_last"] == 3
+    again = load_config(raw={**resolved, "lora": {k: v for k, v in resolved["lora"].items()}})
+    assert again.resolved() == resolved
+
+
+def test_yaml_file_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
