@@ -104,6 +104,26 @@ def test_orthogonal_loss_closed_form():
     torch.testing.assert_close(orthogonal_loss(lm), 0.3 * torch.stack(terms).mean(), rtol=1e-6, atol=0)
 
 
+def test_pruned_folders_load_both_ways_with_identical_outputs(tmp_path, input_ids):
+    ours = _ours()
+    randomize_lora(ours, seed=3)
+    ctl = AdaLoraController(ours)
+    for i, (_, ad) in enumerate(ctl.layers):  # prune a different number of triplets per layer
+        ad.apply_mask(torch.arange(4) >= i % 4)
+    ours.peft_config["default"].rank_pattern = ctl.rank_pattern()
+    ours.eval().save_pretrained(tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A"].shape == (3, 64)  # 2nd layer: 1 cut
+    pm = peft.PeftModel.from_pretrained(MODELS["llama"](), tmp_path / "ours").eval()
+    ref = logits(ours, input_ids)
+    torch.testing.assert_close(logits(pm, input_ids), ref, rtol=0, atol=2e-6)
+    pm.save_pretrained(tmp_path / "peft")
+    back = lorakit.LoraModel.from_pretrained(MODELS["llama"](), tmp_path / "peft")
+    torch.testing.assert_close(logits(back, input_ids), ref, rtol=0, atol=2e-6)
+    assert back.peft_config["default"].rank_pattern == ours.peft_config["default"].rank_pattern
+
+
+@pytest.mark.slow
 def test_training_run_matches_peft_step_for_step(tmp_path):
     torch.manual_seed(7)
     batches = [torch.randint(0, 128, (4, 12)) for _ in range(SCHEDULE["total_step"] + 2)]
