@@ -75,6 +75,13 @@ def test_compare_lists_layers_only_one_side_has(adapters):
         compare_adapters(adapters["a"].path, adapters["mixed"].path)
 
 
+def test_base_that_is_not_a_checkpoint(adapters, tmp_path):
+    from lorakit.analysis.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        inspect_adapter(adapters["qv"].path, base=tmp_path)
+
+
 def test_plot_writes_a_png(adapters, base_checkpoint, tmp_path):
     out = plot_stats(inspect_adapter(adapters["a"].path, base=base_checkpoint), tmp_path / "plots" / "a.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

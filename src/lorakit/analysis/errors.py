@@ -25,5 +25,9 @@ class RankError(LorakitError, ValueError):
     """A requested rank the adapter can't provide (larger than it has, or below 1)."""
 
 
+class CheckpointError(LorakitError, ValueError):
+    """A base-model checkpoint folder (for ‖W0‖) that holds no safetensors weights."""
+
+
 class PlanError(LorakitError, ValueError):
     """A memory plan that can't be built: unknown model/preset, bad sizes or dtype."""

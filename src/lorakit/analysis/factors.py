@@ -221,6 +221,8 @@ def write_adapter(path: str | os.PathLike, layers: Mapping[str, LayerFactors], b
         rank_pattern={n: lay.rank for n, lay in layers.items() if lay.rank != r},
         alpha_pattern={n: lay.alpha for n, lay in layers.items() if lay.alpha != alpha},
     )
+    if isinstance(config.get("target_modules"), list):  # a set in PEFT: sorted so the file is deterministic
+        config["target_modules"] = sorted(config["target_modules"])
     _check_patterns(config, layers)
     tensors: dict[str, torch.Tensor] = dict(extra or {})
     for layer in layers.values():

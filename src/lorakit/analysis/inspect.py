@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.analysis import arithmetic as ar
-from lorakit.analysis.errors import IncompatibleAdaptersError, NotAnAdapterError
+from lorakit.analysis.errors import CheckpointError, IncompatibleAdaptersError
 from lorakit.analysis.factors import Adapter, read_adapter
 
 
@@ -176,7 +176,7 @@ def base_weight_norms(base: str | os.PathLike, names: list[str]) -> dict[str, fl
     folder = Path(base)
     files = _checkpoint_files(folder) if folder.is_dir() else []
     if not files:
-        raise NotAnAdapterError(f"--base {folder} is not a checkpoint folder with *.safetensors weights")
+        raise CheckpointError(f"--base {folder} is not a checkpoint folder with *.safetensors weights")
     where: dict[str, Path] = {}
     for file in files:
         with safe_open(file, framework="pt") as fh:
