@@ -242,27 +242,29 @@ class LoraModel(nn.Module):
                     layer.adapters[n].custom_math for n in adapters if n in layer.adapters):
                 raise ConfigError(f"layer {path!r}: weighted combination supports plain LoRA layers only")
             present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
-            pairs = [(ad.lora_a.float(), ad.lora_b.float() * ad.scaling) for ad, _ in present]
+            factors = [arithmetic.LoraFactors(ad.lora_a.flatten(1), ad.lora_b.flatten(1), ad.scaling)
+                       for ad, _ in present]  # conv factors as (r, in·k) and (out, r)
             ws = [w for _, w in present]
             if combination_type == "cat":
-                factors_by_path[path] = arithmetic.concat(pairs, ws)
+                a, b, _ = arithmetic.concat(factors, ws, out_scaling=1.0)
             elif combination_type == "linear":
                 if len(present) != len(adapters):
                     raise ConfigError(f"'linear' needs every adapter on every layer; {path!r} lacks some")
-                factors_by_path[path] = arithmetic.linear_peft(pairs, ws)
-            else:
-                delta = sum(w * arithmetic.dense(a, b) for (a, b), w in zip(pairs, ws))
+                a, b, _ = arithmetic.linear_peft(factors, ws)
+            else:  # from the thin factors: no d×k matrix
                 rank = svd_rank or max(ad.rank for ad, _ in present)
-                a_shape, b_shape = layer.adapter_shapes(1)
-                factors_by_path[path] = arithmetic.svd_refactor(delta, rank, a_shape, b_shape)
+                a, b, _ = arithmetic.weighted_sum(factors, ws, out_scaling=1.0, rank=rank)
+            a_shape, b_shape = layer.adapter_shapes(a.shape[0])
+            factors_by_path[path] = (a.reshape(a_shape), b.reshape(b_shape))  # back to the layer's layout
         ranks = {path: a.shape[0] for path, (a, _) in factors_by_path.items()}
         common = max(set(ranks.values()), key=list(ranks.values()).count)
         first = self.peft_config[adapters[0]]
         pattern = {re.escape(p): r for p, r in ranks.items() if r != common}
-        config = first.replace(  # alpha = r everywhere: scaling 1, the weights live in B
-            r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
-            target_modules=sorted(factors_by_path), target_parameters=None, layers_to_transform=None,
-            layers_pattern=None, exclude_modules=None, init_lora_weights=True, use_dora=False)
+        config = LoraConfig(  # alpha = r everywhere: scaling 1, the weights live in B
+            r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
+            target_modules=sorted(factors_by_path), lora_dropout=first.lora_dropout, bias=first.bias,
+            modules_to_save=first.modules_to_save, task_type=first.task_type,
+            base_model_name_or_path=first.base_model_name_or_path)
         self.add_adapter(adapter_name, config)
         for path, (a, b) in factors_by_path.items():
             adapter = self.model.get_submodule(path).adapters[adapter_name]

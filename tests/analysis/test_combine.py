@@ -8,7 +8,7 @@ import pytest
 import torch
 from analysis_helpers import Mixed, adapters_fixture, loaded_dense, one_thread, tiny_llama  # noqa: F401  (fixtures)
 
-from lorakit.analysis import arithmetic as ar
+from lorakit import arithmetic as ar
 from lorakit.analysis.combine import combine
 from lorakit.analysis.errors import IncompatibleAdaptersError, RankError
 

@@ -10,7 +10,7 @@ import torch
 from analysis_helpers import Mixed, adapters_fixture, loaded_dense, one_thread, tiny_llama  # noqa: F401  (fixtures)
 from safetensors.torch import load_file, save_file
 
-from lorakit.analysis import arithmetic as ar
+from lorakit import arithmetic as ar
 from lorakit.analysis.errors import CorruptAdapterError, NotAnAdapterError, UnsupportedAdapterError
 from lorakit.analysis.factors import read_adapter, write_adapter
 

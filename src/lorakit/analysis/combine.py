@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lorakit.analysis import arithmetic as ar
+from lorakit import arithmetic as ar
 from lorakit.analysis.errors import IncompatibleAdaptersError, RankError
 from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
 

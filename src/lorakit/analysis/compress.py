@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.analysis import arithmetic as ar
+from lorakit import arithmetic as ar
 from lorakit.analysis.errors import RankError
 from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
 

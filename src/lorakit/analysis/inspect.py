@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.analysis import arithmetic as ar
+from lorakit import arithmetic as ar
 from lorakit.analysis.errors import CheckpointError, IncompatibleAdaptersError
 from lorakit.analysis.factors import Adapter, read_adapter
 
