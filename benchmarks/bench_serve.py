@@ -8,10 +8,11 @@
 
 Every configuration runs the real :class:`lorakit.serve.engine.Engine` (prefill + KV-cached decode,
 fixed output length via ignore_eos); figures are generated tokens per second, median of
-``--repeats`` interleaved runs. The model is a small random Llama (or ``--base``) with random
-rank-16 adapters on every linear layer.
+``--repeats`` interleaved runs, by wall clock and by process CPU time (the latter barely moves
+when other processes compete for the cores). The model is a random Llama (``--hidden``,
+``--layers``; or ``--base``) with random rank-16 adapters on every linear layer (``--targets``).
 
-    python benchmarks/bench_serve.py [--threads 1] [--tokens 64] [--repeats 5] [--json out.json]
+    python benchmarks/bench_serve.py [--hidden 1024] [--threads 1] [--tokens 64] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIAL = ["[UNK]", "<pad>", "<s>", "</s>"]
 WORDS = ("the a of to and in is it that for on with as was by at from this be are or not have one two three "
          "red green blue cat dog bird fish tree sky sun moon day night good bad big small hot cold fast slow "
@@ -35,7 +37,7 @@ WORDS = ("the a of to and in is it that for on with as was by at from this be ar
 
 
 def build_demo_models(folder: Path, adapters: int = 4, rank: int = 16, hidden: int = 512, layers: int = 4,
-                      vocab: int = 8192, seed: int = 0) -> dict[str, Path]:
+                      vocab: int = 8192, seed: int = 0, targets: tuple[str, ...] = ALL_LINEAR) -> dict[str, Path]:
     """A random Llama (+ word-level tokenizer) and `adapters` random LoRA adapters, saved under folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,10 +60,9 @@ def build_demo_models(folder: Path, adapters: int = 4, rank: int = 16, hidden: i
                           "{% if add_generation_prompt %}assistant:{% endif %}")
     fast.save_pretrained(folder / "base")
     out = {"base": folder / "base", "root": folder / "adapters"}
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for i in range(adapters):
         model = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                             target_modules=targets))
+                                                                             target_modules=list(targets)))
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
+    parser.add_argument("--hidden", type=int, default=1024, help="built model: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="built model: decoder layers")
+    parser.add_argument("--rank", type=int, default=16, help="built adapters: rank")
+    parser.add_argument("--targets", default=",".join(ALL_LINEAR), help="built adapters: target modules")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         dirs = {"base": Path(args.base), "root": Path(args.adapters[0]).parent}
         dirs.update({f"ad{i}": Path(p) for i, p in enumerate(args.adapters or [])})
     else:
-        dirs = build_demo_models(Path(tmp.name))
+        dirs = build_demo_models(Path(tmp.name), rank=args.rank, hidden=args.hidden, layers=args.layers,
+                                 targets=tuple(args.targets.split(",")))
     names = sorted(k for k in dirs if k.startswith("ad"))[:4]
     if len(names) != 4:
         parser.error("give exactly 4 --adapters")
@@ -184,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {label: (wall[a] / wall[b], cpu[a] / cpu[b]) for label, a, b, _ in pairs}
     print(f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.tokens} generated tokens per request, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} interleaved repeats (median), model "
-          f"{base.config.num_hidden_layers}L x {base.config.hidden_size}d, vocab {vocab}, 4 adapters r=16 on all "
-          "linear layers")
+          f"{base.config.num_hidden_layers}L x {base.config.hidden_size}d, vocab {vocab}, 4 adapters r={args.rank} on "
+          f"{args.targets if not args.base else 'their targets'}")
     print(f"  {'':32s} {'wall tok/s':>11s} {'CPU tok/s':>11s}   wall runs")
     for label in results:
         spread = f"{min(w for w, _ in results[label]):.0f}-{max(w for w, _ in results[label]):.0f}"

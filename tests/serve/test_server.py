@@ -234,3 +234,30 @@ def test_load_test_script_reports_zero_errors(server):
                                             max_tokens=8, models=["a", "b", "base"], check=True, stream_every=3))
     assert report["errors"] == 0 and report["completed"] == 24, report["error_samples"]
     assert report["latency_p50_s"] <= report["latency_p99_s"] and report["engine"]["max_rows"] >= 2
+
+
+def test_broken_adapter_folders_are_refused_with_400(http, dirs, server):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    nan_dir, junk_dir = dirs["root"] / "has_nan", dirs["root"] / "junk"
+    for folder in (nan_dir, junk_dir):
+        if not folder.exists():
+            shutil.copytree(dirs["c"], folder)
+    weights = load_file(nan_dir / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = torch_full_like_nan(weights[first])
+    save_file(weights, nan_dir / "adapter_model.safetensors")
+    (junk_dir / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    for name, path in (("has_nan", "has_nan"), ("junk", "junk")):
+        r = http.post("/v1/adapters", headers=AUTH, json={"name": name, "path": path})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_load_failed", r.text
+        assert http.post("/v1/completions", headers=AUTH, json={"model": name, "prompt": "x"}).status_code == 404
+    assert complete(http, "b", "hello") and server.alive()
+
+
+def torch_full_like_nan(tensor):
+    import torch
+
+    return torch.full_like(tensor, float("nan"))

@@ -114,10 +114,15 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
         return [check_prompt(ids) for ids in out]
 
     def chat_prompt(messages: list[P.ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        # "developer" is OpenAI's newer name for "system"; model templates know only the latter
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in messages]
         template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-        text = tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True,
-                                             tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:  # templates raise on e.g. non-alternating roles: the request's fault
+            raise BadRequest(f"the model's chat template rejected these messages: {exc}", param="messages") from None
         return check_prompt(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ routes

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lorakit.errors import AdapterLoadError
 from lorakit.model import LoraModel
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,17 @@ class ModelHost:
             self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name)
         else:
             self.lora.load_adapter(folder, adapter_name=name)
+        if not self._finite(name):  # refuse it now rather than fail every request that uses it
+            self.lora.delete_adapter(name)
+            raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights")
         logger.info("loaded adapter %s from %s", name, folder)
+
+    def _finite(self, name: str) -> bool:
+        for layer in self.lora.lora_layers():
+            adapter = layer.adapters[name] if name in layer.adapters else None
+            if adapter is not None and not all(bool(torch.isfinite(p).all()) for p in adapter.parameters()):
+                return False
+        return True
 
     def mix(self, name: str, components: Sequence[str], weights: Sequence[float]) -> None:
         """Add `name` = Σ wᵢ·ΔWᵢ of loaded adapters, exactly (their factors concatenated)."""
