@@ -150,8 +150,25 @@ def _save_4bit_base(base_dir: Path, out: Path) -> torch.nn.Module:
     return model
 
 
-def test_merge_from_4bit_base_dequantises(dirs, tmp_path, capsys):
-    reference = _save_4bit_base(dirs["base"], tmp_path / "base4")
+def _save_with_lorakit_quant(base_dir: Path, out: Path) -> torch.nn.Module:
+    """The 4-bit folder lorakit.quant.save_quantized writes; returns the dequantised fp32 reference."""
+    quant = pytest.importorskip("lorakit.quant")
+    if not hasattr(quant, "save_quantized"):
+        pytest.skip("lorakit.quant has no save_quantized")
+    qmodel = quant.quantize_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), "nf4",
+                                  double_quant=True)
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    for name, module in qmodel.named_modules():
+        if isinstance(module, quant.Linear4bit):
+            reference.get_submodule(name).weight.data = module.dequantize(torch.float32)
+    quant.save_quantized(qmodel, out)
+    return reference
+
+
+@pytest.mark.parametrize("writer", ["bnb_layout", "lorakit_quant"])
+def test_merge_from_4bit_base_dequantises(dirs, tmp_path, capsys, writer):
+    save = _save_4bit_base if writer == "bnb_layout" else _save_with_lorakit_quant
+    reference = save(dirs["base"], tmp_path / "base4")
     code = export.main(["--base", str(tmp_path / "base4"), "--adapter", str(dirs["a"]), "--out", str(tmp_path / "o")])
     assert code == 0
     assert "base is 4-bit (nf4, double quant): dequantised" in capsys.readouterr().out
