@@ -81,6 +81,9 @@ def _cell_tables(quant_type: str) -> tuple[int, torch.Tensor, torch.Tensor, torc
 def _encode(x: torch.Tensor, quant_type: str) -> torch.Tensor:
     """(m,) float32 values scaled to [-1, 1] → (m,) uint8 index of the nearest code."""
     cells, base, thr, order = _cell_tables(quant_type)
+    if x.device != base.device:  # the tables are built on the CPU; a no-op there
+        base, thr = base.to(x.device), thr.to(x.device)
+        order = None if order is None else order.to(x.device)
     cell = torch.add(x, 1.0).mul_(cells / 2).to(torch.int32)  # (m,) in [0, cells]
     q = torch.index_select(base, 0, cell)  # (m,) uint8
     q.add_(torch.lt(torch.index_select(thr, 0, cell), x))
