@@ -290,3 +290,20 @@ def test_lora_layer_is_used_for_linear():
     lm = lorakit.get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     assert isinstance(lm.model.model.layers[0].self_attn.q_proj, LoraLinear)
     assert lm.config.hidden_size == 64  # attributes of the wrapped model are reachable
+
+
+def test_mixed_batch_cache_follows_in_place_updates(input_ids):
+    lm = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), "a")
+    lm.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_lora(lm)
+    names = ["a", "b", None, "b"]
+    with torch.no_grad():
+        first = lm(input_ids, adapter_names=names).logits
+        assert torch.equal(lm(input_ids, adapter_names=names).logits, first)  # served from the cache
+        for layer in lm.lora_layers():
+            layer.adapters["b"].lora_b.mul_(3.0)  # e.g. a reload or an optimizer step
+        second = lm(input_ids, adapter_names=names).logits
+        lm.set_adapter("b")
+        alone = lm(input_ids[1:2]).logits
+    assert torch.equal(second[0], first[0]) and not torch.allclose(second[1], first[1])
+    torch.testing.assert_close(second[1:2], alone, rtol=1e-5, atol=1e-5)

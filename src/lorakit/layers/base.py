@@ -235,18 +235,34 @@ class LoraLayer(nn.Module):
         adapters = [self.adapters[n] for _, n in present]
         dtype = adapters[0].lora_a.dtype
         x = self.cast_input(x, dtype)
-        a_cat = torch.cat([ad.lora_a for ad in adapters], dim=0)  # (K, in, ...) with K = Σ r
-        b_cat = torch.cat([ad.lora_b * ad.scaling for ad in adapters], dim=1)  # (out, K, ...)
-        col_owner = torch.cat(
-            [torch.full((ad.rank,), g, device=x.device) for (g, _), ad in zip(present, adapters)]
-        )  # (K,) which adapter each rank column belongs to
-        mask = (routing.row_index.to(x.device)[:, None] == col_owner[None, :]).to(dtype)  # (N, K)
+        a_cat, b_cat = self._concat_factors(present, adapters)  # (K, in, ...), (out, K, ...), K = Σ r
+        mask = routing.mask([(g, ad.rank) for (g, _), ad in zip(present, adapters)], x.device, dtype)  # (N, K)
         if all(isinstance(ad.dropout, nn.Identity) or not self.training for ad in adapters):
             u = self.project_a(x, a_cat)
         else:  # dropout differs per adapter: one pass per adapter (not per row)
             u = torch.cat([self.project_a(ad.dropout(x), ad.lora_a) for ad in adapters], dim=self.rank_dim(x))
         u = u * self.broadcast_mask(mask, u)
         return result + self.project_b(u, b_cat).to(result.dtype)
+
+    def _concat_factors(self, present: list[tuple[int, str]], adapters: list[LoraAdapter]):
+        """[A₁; A₂; …] and [s₁B₁, s₂B₂, …] for the adapters in a mixed batch.
+
+        Without autograd (serving) they are cached per adapter set and rebuilt only when a factor
+        changes in place (its version counter moves), so a decode step pays no concatenation.
+        """
+        if torch.is_grad_enabled() and any(ad.lora_a.requires_grad or ad.lora_b.requires_grad for ad in adapters):
+            return (torch.cat([ad.lora_a for ad in adapters], dim=0),
+                    torch.cat([ad.lora_b * ad.scaling for ad in adapters], dim=1))
+        key = tuple((name, id(ad), ad.lora_a._version, ad.lora_b._version, ad.lora_a.data_ptr(),
+                     ad.lora_b.data_ptr(), ad.scaling) for (_, name), ad in zip(present, adapters))
+        cached = self.__dict__.get("_mixed_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                a_cat = torch.cat([ad.lora_a for ad in adapters], dim=0)
+                b_cat = torch.cat([ad.lora_b * ad.scaling for ad in adapters], dim=1)
+            cached = (key, a_cat, b_cat)
+            self.__dict__["_mixed_cache"] = cached  # not a buffer: never saved, moved or counted
+        return cached[1], cached[2]
 
     def cast_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The input in the adapters' dtype (token ids stay integers)."""
@@ -277,3 +293,16 @@ class RowRouting:
         lookup = {n: i for i, n in enumerate(self.names)}
         self.row_index = torch.tensor([lookup[n] if n is not None else -1 for n in row_adapters], dtype=torch.long)
         self.row_adapters = list(row_adapters)
+        self._masks: dict = {}
+
+    def mask(self, owners: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) 0/1: row i keeps rank column j when column j belongs to row i's adapter.
+
+        `owners` lists (adapter index, rank) in concatenation order; layers with the same adapter
+        set share one mask per forward.
+        """
+        key = (tuple(owners), device, dtype)
+        if key not in self._masks:
+            col_owner = torch.cat([torch.full((rank,), g, dtype=torch.long) for g, rank in owners])  # (K,)
+            self._masks[key] = (self.row_index[:, None] == col_owner[None, :]).to(device=device, dtype=dtype)
+        return self._masks[key]
