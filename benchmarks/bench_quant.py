@@ -78,9 +78,10 @@ def reset_peak_rss() -> None:
 
 
 def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():  # Linux; no psutil needed
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status")
 
 
 def llama_config(hidden: int, layers: int, inter: int, vocab: int):
