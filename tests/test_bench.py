@@ -33,3 +33,13 @@ def test_bench_cli_loading_section_writes_json(tmp_path, monkeypatch):
     figures = {row["figure"]: row for row in data["rows"]}
     assert "load adapter #4 vs #1" in figures and figures["load adapter #4 vs #1"]["ours"] > 0
     assert data["command"] and data["machine"]
+
+
+def test_every_cli_command_registers_its_parser():
+    from lorakit.cli import COMMANDS, build_parser
+
+    parser = build_parser("*")
+    choices = parser._subparsers._group_actions[0].choices
+    assert set(choices) == set(COMMANDS)
+    for name in COMMANDS:  # the real parser, not the placeholder: it has options of its own
+        assert choices[name]._actions, name

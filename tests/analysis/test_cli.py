@@ -70,4 +70,4 @@ def test_methods_listed_once():
 def test_registered_in_the_lorakit_cli():
     from lorakit import cli as top
 
-    assert {top.COMMANDS[c] for c in ("inspect", "compress", "combine", "plan")} == {"lorakit.analysis.cli"}
+    assert {top.COMMANDS[c][0] for c in ("inspect", "compress", "combine", "plan")} == {"lorakit.analysis.cli"}
