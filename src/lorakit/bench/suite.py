@@ -140,6 +140,23 @@ def adapter_loading(count: int = 50) -> list[Row]:
     ]
 
 
+def one_thread(fn):
+    """Run a section with one torch thread: bitsandbytes' OpenMP pool and torch's fight otherwise,
+    turning 2 ms ops into 20 ms ones and distorting the ratio (see benchmarks/bench_quant.py, which
+    also separates the two libraries into their own processes)."""
+
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
+@one_thread
 def nf4(repeats: int) -> list[Row]:
     """NF4 quantize/dequantize (double quant, blocksize 64) vs bitsandbytes on a 4096×4096 weight."""
     try:
@@ -163,6 +180,7 @@ def nf4(repeats: int) -> list[Row]:
     ]
 
 
+@one_thread
 def qlora_step(repeats: int) -> list[Row]:
     """QLoRA train step (NF4 base, LoRA all-linear r=16) vs PEFT + bitsandbytes on the same model."""
     try:
