@@ -95,6 +95,22 @@ def test_masking_keeps_exactly_the_budget_and_the_best_triplets():
         assert all(torch.equal(ad.lora_e[~ad.kept], torch.zeros(int((~ad.kept).sum()), 1)) for _, ad in ctl.layers)
 
 
+def test_controller_state_round_trips_for_resuming():
+    lm = _ours(init_lora_weights=False)
+    ctl = AdaLoraController(lm)
+    lm(input_ids=torch.randint(0, 128, (2, 6))).logits.square().mean().backward()
+    for step in range(5):
+        ctl.step(lm, step)
+    state = ctl.state_dict()
+    assert sum(ctl.kept_ranks().values()) == ctl.budget(4)[0] < 24
+    fresh = _ours(init_lora_weights=False)  # same weights (same seed); masks and EMAs from the state
+    other = AdaLoraController()
+    other.load_state_dict(state, fresh)
+    assert other.kept_ranks() == ctl.kept_ranks()
+    assert fresh.peft_config["default"].rank_pattern == lm.peft_config["default"].rank_pattern
+    assert all(torch.equal(other.exp_avg_unc[k], v) for k, v in ctl.exp_avg_unc.items())
+
+
 def test_orthogonal_loss_closed_form():
     lm = _ours(init_lora_weights=False, orth_reg_weight=0.3)
     terms = []

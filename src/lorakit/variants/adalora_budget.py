@@ -155,5 +155,24 @@ class AdaLoraController:
         """The orthogonality penalty to add to the task loss."""
         return orthogonal_loss(model, self.adapter_name)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Importance EMAs and keep-masks (weights are checkpointed with the model), for resuming."""
+        return {"exp_avg_ipt": {f"{p}|{a}": t.clone() for (p, a), t in self.exp_avg_ipt.items()},
+                "exp_avg_unc": {f"{p}|{a}": t.clone() for (p, a), t in self.exp_avg_unc.items()},
+                "kept": {path: adapter.kept.clone() for path, adapter in self.layers}}
+
+    def load_state_dict(self, state: dict, model: torch.nn.Module | None = None) -> None:
+        if model is not None and (self.config is None or model is not self._model):
+            self._bind(model)
+        if self.config is None:
+            raise ConfigError("AdaLoraController.load_state_dict needs the model (pass model=...)")
+        for name in ("exp_avg_ipt", "exp_avg_unc"):
+            setattr(self, name, {tuple(k.split("|")): v.clone() for k, v in state[name].items()})
+        for path, adapter in self.layers:
+            adapter.apply_mask(state["kept"][path].to(adapter.kept.device))
+        if any(not bool(adapter.kept.all()) for _, adapter in self.layers):
+            self.config.rank_pattern = self.rank_pattern()
+
     def kept_ranks(self) -> dict[str, int]:
         return {path: int(adapter.kept.sum()) for path, adapter in self.layers}

@@ -113,19 +113,24 @@ def rank_sweep(model: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], floa
     return results
 
 
-def plot_rank_sweep(results: dict[int, float], path: str | Path, metric: str = "accuracy") -> Path:
-    """Save a metric-vs-rank line plot (PNG) of :func:`rank_sweep`'s result."""
+def plot_rank_sweep(results: dict[int, float] | dict[str, dict[int, float]], path: str | Path,
+                    metric: str = "accuracy") -> Path:
+    """Save a metric-vs-rank line plot (PNG) of :func:`rank_sweep`'s result, or of several labelled ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = sorted(results)
+    series = results if all(isinstance(v, dict) for v in results.values()) else {"": results}
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(ranks, [results[b] for b in ranks], marker="o")
+    for label, sweep in series.items():
+        ranks = sorted(sweep)
+        ax.plot(ranks, [sweep[b] for b in ranks], marker="o", label=label or None)
+    if len(series) > 1:
+        ax.legend()
     ax.set_xlabel("rank b")
     ax.set_ylabel(metric)
-    ax.set_title(f"DyLoRA: {metric} vs rank")
+    ax.set_title(f"DyLoRA rank sweep: {metric} vs rank")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
