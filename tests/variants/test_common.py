@@ -100,3 +100,19 @@ def test_a_4bit_base_acts_like_a_float_base_with_the_dequantised_weight(variant,
     for lm in (q, d):
         lm.set_adapter("v")
     torch.testing.assert_close(logits(q, input_ids), logits(d, input_ids), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"pissa"}))
+def test_lorakit_nf4_base_acts_like_a_float_base_with_the_dequantised_weight(variant, input_ids):
+    from lorakit.quant import Linear4bit
+
+    quantized = lorakit.quantize_model(MODELS["llama"](), "nf4", double_quant=True).eval()
+    dense = MODELS["llama"]()
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Linear4bit):
+                dense.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+    q, d = _model(variant, quantized), _model(variant, dense)
+    for lm in (q, d):
+        lm.set_adapter("v")
+    torch.testing.assert_close(logits(q, input_ids), logits(d, input_ids), rtol=0, atol=2e-5)
