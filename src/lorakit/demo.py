@@ -21,7 +21,7 @@ TASKS = ("docstring-topics", "word-sentiment")
 SHARED_WIDTH = 6  # classifier outputs of the shared base: enough for every task (each uses its first k)
 # (epochs, max_length) per task, full and --quick; LoRA and full fine-tuning get the same budget
 BUDGET = {"docstring-topics": (3, 64), "word-sentiment": (1, 16)}
-QUICK_LIMIT = 256  # training examples per task in --quick mode
+QUICK_LIMIT = 200  # train and test examples per task in --quick mode
 
 
 class _Bar:
@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"lorakit demo: all-MiniLM-L6-v2 (22.7M params), tasks {', '.join(TASKS)}"
-          + (" [quick: 256 examples, 1 epoch]" if args.quick else ""), flush=True)
+          + (" [quick: 200 train / 200 test examples, 1 epoch]" if args.quick else ""), flush=True)
     results = {}
     for task in TASKS:
         results[task] = run_task(task, out, args.quick)
@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="LoRA vs linear probe vs full fine-tuning on MiniLM (no downloads)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="256 training examples per task, 1 epoch (~1 minute)")
+    p.add_argument("--quick", action="store_true", help="200 train and 200 test examples per task, 1 epoch (~1 minute)")
     p.add_argument("--out", default="runs/demo", help="where adapters and the plot go")
     p.add_argument("--threads", type=int, default=int(os.environ.get("LORAKIT_THREADS", "0")) or None,
                    help="torch CPU threads")

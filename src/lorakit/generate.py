@@ -21,17 +21,17 @@ FORMATS = {"instruction": "instruction", "chat": "chat", "prompt_completion": "r
 
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, fmt: str = "raw", max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, input_text: str = "") -> str:
     """The model's continuation of `prompt` (laid out as `fmt`), without the prompt.
 
     temperature 0 = greedy; otherwise sample from softmax(logits / temperature) restricted to the
-    smallest set of tokens whose probability reaches top_p.
+    smallest set of tokens whose probability reaches top_p. `input_text` is the Alpaca "input" field.
     """
     from lorakit.train.data import eos_id, pad_id, prompt_ids
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
-    ids = torch.tensor([prompt_ids(tokenizer, fmt if fmt != "raw" else "text", prompt)])  # (1, T)
+    ids = torch.tensor([prompt_ids(tokenizer, fmt if fmt != "raw" else "text", prompt, input_text)])  # (1, T)
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     sampling = temperature > 0
@@ -43,6 +43,15 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, fmt: str = "raw", max
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def quiet_transformers() -> None:
+    """The CLI owns the terminal: no load reports or weight-loading bars from transformers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text with a causal LM + LoRA adapter",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base model: preset or checkpoint folder (default: from training_meta.json)")
     p.add_argument("--format", choices=["auto", "instruction", "chat", "raw"], default="auto",
                    help="prompt layout; auto = as the adapter was trained")
+    p.add_argument("--input", default="", help="instruction format: the optional input field")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
     from lorakit.train.model_setup import load_trained
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_transformers()
     try:
         model, tokenizer, meta = load_trained(args.adapter, args.base, merge=args.merge, device=args.device)
         if meta.get("task") == "classification":
@@ -72,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         fmt = FORMATS.get(meta.get("format", ""), "raw") if args.format == "auto" else args.format
         for prompt in args.prompt:
             text = generate_text(model, tokenizer, prompt, fmt, args.max_new_tokens, args.temperature, args.top_p,
-                                 args.seed)
+                                 args.seed, args.input)
             print(text if len(args.prompt) == 1 else f"{prompt}\t{text}")
     except (LorakitError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

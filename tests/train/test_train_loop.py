@@ -159,3 +159,29 @@ def test_packing_run(tmp_path):
     raw["data"].update(packing=True, max_length=64)
     result = train(load_config(raw=raw))
     assert result.data_stats["train_examples"] < result.data_stats["train_records"]
+
+
+def test_chat_example_config_runs(tmp_path):
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "tiny_llama_chat.yaml",
+                      [f"train.output_dir={tmp_path / 'chat'}", "train.max_steps=2", "train.threads=1",
+                       f"data.train_file={EXAMPLES / 'chat.jsonl'}"])
+    result = train(cfg)
+    assert result.steps == 2 and result.data_stats["train_records"] == 3
+
+
+def test_qlora_nf4_base(tmp_path):
+    from lorakit.train.model_setup import load_trained
+
+    raw = config(tmp_path, "q", max_steps=3, save_every=0, eval_every=0)
+    raw["quant"] = {"method": "nf4", "double_quant": True}
+    trainer = Trainer(load_config(raw=raw))
+    result = trainer.run()
+    kinds = {type(m.base).__name__ for m in trainer.model.lora_layers()}
+    assert kinds == {"Linear4bit"}
+    assert result.trainable_params == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    model, _, meta = load_trained(result.adapter_dir)
+    assert meta["quant"]["method"] == "nf4"
+    assert {type(m.base).__name__ for m in model.lora_layers()} == {"Linear4bit"}
+    ids = torch.tensor([[1, 70, 71, 72]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)

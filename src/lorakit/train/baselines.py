@@ -74,21 +74,28 @@ def linear_probe(model: nn.Module, data: Prepared, pad: int, epochs: int = 300, 
                           sum(p.numel() for p in head.parameters()), time.perf_counter() - start, losses)
 
 
-def full_finetune(model: nn.Module, data: Prepared, cfg: TrainConfig, pad: int, lr: float = 5e-5,
-                  weight_decay: float = 0.01, progress: Any = None) -> BaselineResult:
-    """Every parameter trained: the reference LoRA should come close to."""
+def full_finetune(model: nn.Module, data: Prepared, cfg: TrainConfig, pad: int, lr: float = 1e-4,
+                  head_lr: float | None = None, weight_decay: float = 0.01, progress: Any = None) -> BaselineResult:
+    """Every parameter trained: the reference LoRA should come close to.
+
+    The new (random) classifier head learns at `head_lr` (default: the LoRA run's lr, as the LoRA
+    run's head does), the pretrained encoder at `lr`.
+    """
     start = time.perf_counter()
     tc, num_labels = cfg.train, len(data.labels or [])
     for p in model.parameters():
         p.requires_grad_(True)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+    head = [p for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")]
+    body = [p for n, p in model.named_parameters() if n.split(".")[0] not in ("classifier", "score")]
+    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr or tc.lr}],
+                            weight_decay=weight_decay)
     lengths = [len(e.input_ids) for e in data.train]
     per_epoch = math.ceil(len(data.train) / tc.batch_size)
     total = max(1, math.ceil(tc.epochs * per_epoch))
     schedule = Schedule(total, int(tc.warmup_ratio * total), tc.schedule)
     for g in opt.param_groups:
-        g["initial_lr"] = lr
+        g["initial_lr"] = g["lr"]
     torch.manual_seed(tc.seed)
     model.train()
     losses, step, epoch = [], 0, 0
@@ -110,7 +117,7 @@ def full_finetune(model: nn.Module, data: Prepared, cfg: TrainConfig, pad: int, 
             step += 1
             losses.append((step, loss.item()))
             if progress is not None:
-                progress.update(step, {"loss": float(loss), "lr": lr * schedule.factor(step - 1), "tok/s": 0.0})
+                progress.update(step, {"loss": loss.item(), "lr": lr * schedule.factor(step - 1), "tok/s": 0.0})
         epoch += 1
     if progress is not None:
         progress.close()

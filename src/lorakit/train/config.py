@@ -76,7 +76,7 @@ class DataSection(_Section):
     labels: list[str] | None = Field(None, description=(
         "classification: label names in output order; default = sorted distinct labels of the train file "
         "(integer labels are used as indices)"))
-    limit: int | None = Field(None, ge=1, description="use only the first N training records (quick experiments)")
+    limit: int | None = Field(None, ge=1, description="use only the first N records of each file (quick experiments)")
 
 
 class TrainSection(_Section):

@@ -39,6 +39,16 @@ def check_quant_available(cfg: TrainConfig) -> None:
         )
 
 
+def quantize_base(base: torch.nn.Module, quant: dict[str, Any] | None) -> torch.nn.Module:
+    """QLoRA: the frozen Linear layers become 4-bit (lorakit.quantize_model); LoRA stays fp32."""
+    if not quant or quant.get("method", "none") == "none":
+        return base
+    from lorakit.quant import quantize_model
+
+    return quantize_model(base, quant["method"], double_quant=quant.get("double_quant", True),
+                          skip=quant.get("skip", ())) or base
+
+
 def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None,
                 device: torch.device) -> LoraModel:
     """Load the base, optionally quantise it, inject the adapter, enable checkpointing.
@@ -57,10 +67,7 @@ def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None
         from lorakit.train.presets import byte_tokenizer
 
         save_base(base, byte_tokenizer(), run_dir / "base")
-    if cfg.quant.method == "nf4":
-        from lorakit.quant import quantize_model  # type: ignore[attr-defined]
-
-        base = quantize_model(base, "nf4", double_quant=cfg.quant.double_quant, skip=cfg.quant.skip) or base
+    base = quantize_base(base, cfg.quant.model_dump())
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False  # the KV cache is useless (and costly) in training
     base.to(device)
@@ -94,7 +101,8 @@ def write_final(model: LoraModel, tokenizer: Any, cfg: TrainConfig, data: Any, r
     meta = {"task": cfg.task, "format": data.format, "labels": data.labels,
             "num_labels": (cfg.model.num_labels or len(data.labels)) if data.labels else None,
             "base": base_reference(cfg, run_dir), "max_length": cfg.data.max_length,
-            "overrides": cfg.model.overrides, "torch_dtype": cfg.model.torch_dtype}
+            "overrides": cfg.model.overrides, "torch_dtype": cfg.model.torch_dtype,
+            "quant": cfg.quant.model_dump()}
     (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -118,6 +126,7 @@ def load_trained(adapter_dir: str | Path, base: str | None = None, merge: bool =
     task = meta.get("task", "causal_lm")
     model = load_base(base, task, meta.get("num_labels"), meta.get("torch_dtype", "float32"),
                       meta.get("overrides"))
+    model = quantize_base(model, meta.get("quant"))  # the adapter was trained on this (4-bit) base
     lora = LoraModel.from_pretrained(model, adapter_dir)
     has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir)) if has_tokenizer else load_tokenizer(base)

@@ -34,7 +34,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any) -> Prepared:
     evaluation = None
     if d.eval_file:
         eval_fmt = fmt if d.format == "auto" else d.format
-        evaluation = read_records(d.eval_file, eval_fmt, d.on_bad_record, d.text_field, d.label_field, "test")
+        evaluation = read_records(d.eval_file, eval_fmt, d.on_bad_record, d.text_field, d.label_field, "test",
+                                  d.limit)
         if evaluation.format != fmt:
             raise DataError(f"{d.eval_file} looks like {evaluation.format} records but {d.train_file} holds {fmt}; "
                             "set data.format")

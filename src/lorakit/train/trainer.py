@@ -104,6 +104,11 @@ class Trainer:
         trainable, total = model.get_nb_trainable_parameters()
         if info.is_main:
             ckpt.check_run_dir(run_dir, ckpt.checkpoint_bytes(trainable) * (tc.keep_last + 2))
+            if self.resume and (run_dir / "config.yaml").is_file():
+                changed = _changed_keys(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg.resolved())
+                if changed:
+                    self.reporter.message(f"warning: resuming with changed config keys {changed}; an exact "
+                                          "continuation needs the config the run started with")
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         distributed.broadcast_params(self.params, info)
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio, tc.adam_betas,
@@ -299,6 +304,13 @@ class Trainer:
                      "data": self.data.stats}, indent=2) + "\n")
         distributed.barrier(self.info)
         return final
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def train(config: TrainConfig, resume: bool = False, reporter: Reporter | None = None) -> RunResult:
