@@ -71,8 +71,8 @@ def quantize_model(
     names = linear_targets(model, skip)
     for name in names:
         linear = model.get_submodule(name)
-        set_submodule(
-            model, name, Linear4bit.from_linear(linear, blocksize, double_quant, compute_dtype, quant_type)
-        )
+        quantized = Linear4bit.from_linear(linear, blocksize, double_quant, compute_dtype, quant_type)
+        quantized.train(linear.training)  # an eval-mode model stays in eval mode
+        set_submodule(model, name, quantized)
         del linear
     return model
