@@ -70,7 +70,7 @@ def test_help_lists_every_key():
         sub = field.annotation
         if section == "lora":
             names = [f.name for f in dataclasses.fields(LoraConfig)
-                     if f.name not in ("extra", "inference_mode", "revision", "peft_type", "base_model_name_or_path")]
+                     if f.name not in ("extra", "inference_mode", "revision", "base_model_name_or_path")]
         else:
             names = list(sub.model_fields)
         for name in names:

@@ -70,9 +70,22 @@ def _no_grouping(raw):
     return raw
 
 
-def test_resume_after_losing_the_tail_is_bit_identical(tmp_path):
-    full = train(load_config(raw=config(tmp_path, "full")))
-    raw = config(tmp_path, "cut")
+VARIANTS = {
+    "lora": {},
+    "adalora": {"peft_type": "ADALORA", "init_r": 6, "target_r": 2, "total_step": 6, "tinit": 1, "tfinal": 1},
+    "dylora": {"use_dylora": True},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_resume_after_losing_the_tail_is_bit_identical(tmp_path, variant):
+    def variant_config(name):
+        raw = config(tmp_path, name)
+        raw["lora"].update(VARIANTS[variant])
+        return raw
+
+    full = train(load_config(raw=variant_config("full")))
+    raw = variant_config("cut")
     train(load_config(raw=raw))
     run = tmp_path / "cut"
     # as if the process died right after writing step 4: drop what came later
@@ -88,6 +101,9 @@ def test_resume_after_losing_the_tail_is_bit_identical(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # lines after step 4 were dropped, not duplicated
+    if variant == "adalora":  # the budget hook ran: 2 of 6 ranks kept per layer on average
+        pattern = json.loads((run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+        assert sum(sum(kept) for kept in pattern.values()) == 2 * len(pattern)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ class TrainConfig(_Section):
         return out
 
 
+VARIANT_PEFT_TYPES = ("ADALORA",)  # config classes besides LoraConfig that --help lists
+
+
 def _is_builtin(path: str) -> bool:
     return path.startswith("builtin:")
 
@@ -288,6 +291,14 @@ def describe_keys() -> str:
         elif section == "lora":
             for name, type_name, default, comment in lora_field_docs():
                 out.append(f"  lora.{name} ({type_name}; default {default})\n      {comment}")
+            for peft_type in VARIANT_PEFT_TYPES:
+                try:
+                    cls = lora_config_class(peft_type)
+                except ConfigError:
+                    continue
+                out.append(f"  with lora.peft_type: {peft_type} ({cls.__name__}), also:")
+                for name, type_name, default, comment in lora_field_docs(cls, skip=LoraConfig):
+                    out.append(f"  lora.{name} ({type_name}; default {default})\n      {comment}")
     return "\n".join(out)
 
 
@@ -302,19 +313,20 @@ def _type_name(annotation: Any) -> str:
     return text.replace("Literal", "one of ")
 
 
-def lora_field_docs() -> list[tuple[str, str, str, str]]:
-    """(name, type, default, comment) of the LoraConfig fields, comments read from its source."""
-    cls = LoraConfig
+def lora_field_docs(cls: type = LoraConfig, skip: type | None = None) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, comment) of a config dataclass's fields (not `skip`'s), comments from its source."""
     comments: dict[str, str] = {}
     try:
         source = inspect.getsource(cls)
-        for match in re.finditer(r"^\s+(\w+): ([^=\n]+?)(?: = [^#\n]+)?\s*#\s*(.+)$", source, re.M):
+        for match in re.finditer(r"^[ \t]+(\w+): ([^=\n]+?)(?: = [^#\n]+)?[ \t]*#[ \t]*(.+)$", source, re.M):
             comments[match.group(1)] = match.group(3).strip()
     except (OSError, TypeError):
         pass
+    comments.setdefault("peft_type", "LORA, or a variant's type (e.g. ADALORA) to use that variant's config class")
     rows = []
+    skipped = {f.name for f in dataclasses.fields(skip)} if skip else set()
     for f in dataclasses.fields(cls):
-        if f.name in ("extra", "inference_mode", "revision", "peft_type", "base_model_name_or_path"):
+        if f.name in ("extra", "inference_mode", "revision", "base_model_name_or_path") or f.name in skipped:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f.name, str(f.type), _show(default), comments.get(f.name, "see lorakit.LoraConfig")))

@@ -120,6 +120,7 @@ class Trainer:
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
         self.schedule = Schedule(total_steps, warmup, tc.schedule, tc.min_lr_ratio)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if info.is_main else None
+        self.hooks = variant_hooks(model, tc.seed)
         self.state = self._start_state(run_dir)
         self.reporter.message(
             f"{model.trainable_parameters_report()}\n"
@@ -163,6 +164,11 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         if self.metrics is not None:
             self.metrics.truncate_after(saved["step"])
+        for hook, hook_state in zip(self.hooks, saved.get("hooks") or [None] * len(self.hooks)):
+            if hasattr(hook, "load_state_dict") and hook_state is not None:
+                hook.load_state_dict(hook_state, self.model)
+            elif saved["step"]:  # stateless hooks are a function of the step (DyLoRA's rank draw)
+                hook.step(self.model, saved["step"] - 1)
         return {k: saved[k] for k in fresh}
 
     # ------------------------------------------------------------------ the loop
@@ -201,11 +207,16 @@ class Trainer:
             sums = distributed.all_reduce_sum(sums.to(info.device), info).cpu()
             if not math.isfinite(float(sums[0])):
                 self._diverged(run_dir, "loss", float(sums[0]), lr)
+            extra = sum((h.extra_loss(self.model) for h in self.hooks), torch.zeros(()))
+            if extra.requires_grad:  # a penalty on the weights (AdaLoRA): once per step, summed over ranks
+                (extra / info.world_size).backward()
             distributed.all_reduce_grads(self.params, info)
             norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or math.inf, foreach=False)
             if not math.isfinite(float(norm)):
                 self._diverged(run_dir, "gradient norm", float(norm), lr)
             self.optimizer.step()
+            for hook in self.hooks:  # after the update, before zero_grad: AdaLoRA reads the gradients
+                hook.step(self.model, state["step"])
             self.optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += int(sums[1])
@@ -273,7 +284,8 @@ class Trainer:
             trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             saved = {**{k: state[k] for k in ("step", "epoch", "batch", "best", "tokens", "window")},
                      "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                     "rng": all_rng}
+                     "rng": all_rng, "hooks": [h.state_dict() if hasattr(h, "state_dict") else None
+                                               for h in self.hooks]}
             ckpt.save_checkpoint(run_dir, state["step"], self.model, trainable, saved,
                                  {k: state[k] for k in ("step", "epoch", "batch", "best", "tokens")})
             best = state["best"]["step"] if state["best"] else -1
@@ -304,6 +316,15 @@ class Trainer:
                      "data": self.data.stats}, indent=2) + "\n")
         distributed.barrier(self.info)
         return final
+
+
+def variant_hooks(model: Any, seed: int) -> list[Any]:
+    """Per-step hooks of variant adapters (AdaLoRA budget, DyLoRA rank draw); none for plain LoRA."""
+    try:
+        from lorakit.variants import training_hooks
+    except ImportError:  # a build without variants
+        return []
+    return list(training_hooks(model, seed=seed))
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
