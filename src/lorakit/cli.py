@@ -71,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def run_command(name: str, argv: list[str] | None = None) -> int:
+    """`lorakit NAME ARGV...`, for modules that can also be run on their own."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ from lorakit.io.adapter_folder import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
+    fsync_path,
     read_adapter_folder,
     write_adapter_folder,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "LEGACY_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "atomic_write_bytes",
+    "fsync_path",
     "read_adapter_folder",
     "write_adapter_folder",
 ]

@@ -39,10 +39,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(folder: Path) -> None:
+    """fsync a file or folder (a folder's fsync makes a rename inside it durable); best effort."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -114,8 +114,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `lorakit serve` alone (without the rest of the CLI)."""
-    parser = argparse.ArgumentParser(prog="lorakit")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
-    return int(args.func(args) or 0)
+    """Run `lorakit serve` alone (e.g. `python -m lorakit.serve`)."""
+    from lorakit.cli import run_command
+
+    return run_command("serve", argv)

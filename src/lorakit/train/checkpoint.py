@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
+from lorakit.io import fsync_path
 
 _STEP = re.compile(r"step-(\d+)")
 FILES = ("trainable.safetensors", "state.pt")
@@ -64,16 +65,6 @@ def remove_partial(run_dir: Path) -> int:
     return len(partial)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str, torch.Tensor],
                     state: dict[str, Any], summary: dict[str, Any]) -> Path:
     root = checkpoint_root(run_dir)
@@ -86,15 +77,15 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str, t
     torch.save(state, tmp / FILES[1])
     (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for file in (tmp / FILES[0], tmp / FILES[1], tmp / "trainer_state.json"):
-        _fsync(file)
-    _fsync(tmp)
+        fsync_path(file)
+    fsync_path(tmp)
     final = root / f"step-{step}"
     if final.exists():  # re-saving a step (a resumed run): move the old one aside first
         old = root / f".old-step-{step}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     return final
 
 
