@@ -52,14 +52,18 @@ def check_adapter_name(name: str) -> str:
 class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
+        self._attach(model)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def _attach(self, model: nn.Module) -> None:
+        """Hold `model` frozen, with no adapters yet."""
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self._disabled = False
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
         try:
@@ -403,10 +407,7 @@ class LoraModel(nn.Module):
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
         lora_model = cls.__new__(cls)
         nn.Module.__init__(lora_model)
-        lora_model.model = model
-        lora_model.peft_config, lora_model.active_adapters, lora_model._disabled = {}, [], False
-        for p in model.parameters():
-            p.requires_grad_(False)
+        lora_model._attach(model)
         lora_model._load(adapter_name, config, tensors)
         lora_model.set_adapter(adapter_name)
         return lora_model

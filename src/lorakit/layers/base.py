@@ -145,7 +145,7 @@ class LoraLayer(nn.Module):
         if hasattr(self.base, "add_to_weight_"):
             self.base.add_to_weight_(delta)
             return
-        weight = self.base.weight
+        weight = self.base_weight()
         weight.data.copy_((weight.data.float() + delta.float()).to(weight.dtype))
 
     # ------------------------------------------------------------------ adapters
@@ -292,7 +292,6 @@ class RowRouting:
         self.names = sorted({n for n in row_adapters if n is not None})
         lookup = {n: i for i, n in enumerate(self.names)}
         self.row_index = torch.tensor([lookup[n] if n is not None else -1 for n in row_adapters], dtype=torch.long)
-        self.row_adapters = list(row_adapters)
         self._masks: dict = {}
 
     def mask(self, owners: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

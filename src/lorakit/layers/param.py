@@ -53,10 +53,6 @@ class LoraParameter(LoraLayer):
     def base_weight(self) -> torch.Tensor:
         return getattr(self.target, self.param_name)
 
-    def add_to_base_weight(self, delta: torch.Tensor) -> None:
-        weight = self.base_weight()
-        weight.data.copy_((weight.data.float() + delta.float()).to(weight.dtype))
-
     def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=None):
         if dropout:
             warnings.warn(
