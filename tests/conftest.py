@@ -10,6 +10,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# LORAKIT_TEST_THREADS=1 (or 2) runs the whole suite at that intra-op thread count: no verdict may
+# depend on it (GEMMs split their reductions differently per thread count).
+if os.environ.get("LORAKIT_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["LORAKIT_TEST_THREADS"]))
+
 
 @pytest.fixture
 def input_ids():

@@ -22,6 +22,7 @@ CONFIGS = {
 def test_plan_within_15_percent_of_measured_peak(name):
     request = CONFIGS[name]
     planned = plan_memory(request).total_bytes
-    measured = measure_training_peak(request, steps=2).peak_bytes
+    # one thread (and one malloc arena, see measure.py): the peak must not depend on the load
+    measured = measure_training_peak(request, steps=2, threads=1).peak_bytes
     assert abs(planned - measured) / measured < 0.15, f"{name}: planned {planned / 2**20:.0f} MiB, " \
                                                       f"measured {measured / 2**20:.0f} MiB"

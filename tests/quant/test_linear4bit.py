@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from quant_helpers import make_linear, tiny_llama
+from quant_helpers import closed_form_dequant, make_linear, tiny_llama
 
 from lorakit.quant import (
     Linear4bit,
@@ -40,8 +40,11 @@ def test_forward_matches_bitsandbytes_linear4bit():
     ours = Linear4bit.from_linear(linear, compute_dtype=torch.float32)
     assert torch.equal(ours.weight, ref.weight.data)
     x = torch.randn(7, 128)
+    # bnb's own bytes and scales, dequantised in closed form: its CPU kernels are wrong for some
+    # shapes on some CPUs, and no verdict may depend on which kernel this CPU gets.
+    weight = closed_form_dequant(ref.weight.data, ref.weight.quant_state)
     with torch.no_grad():
-        assert torch.equal(ours(x), ref(x))
+        assert torch.equal(ours(x), F.linear(x, weight, ref.bias))
 
 
 def test_compute_dtype_bf16_keeps_the_input_dtype():

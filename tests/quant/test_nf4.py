@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from quant_helpers import bnb_dequant_checked
 
 from lorakit.quant import (
     QuantState,
@@ -47,8 +48,7 @@ def assert_same_as_bnb(bnbf, weight, blocksize, double_quant, quant_type):
     if weight.numel() <= 2:  # bnb transposes single-byte inputs and fails on them beyond 2-D
         ref_state = copy.copy(ref_state)
         ref_state.shape = torch.Size([weight.numel()])
-    ref = bnbf.dequantize_4bit(ref_packed, ref_state, quant_type=quant_type)
-    ref = ref.reshape(weight.shape)  # bnb returns 1-D inputs as (1, n)
+    ref = bnb_dequant_checked(bnbf, ref_packed, ref_state, quant_type).reshape(weight.shape)
     out = dequantize_4bit(packed, state)
     assert out.dtype == ref.dtype == weight.dtype and out.shape == ref.shape == weight.shape
     assert torch.equal(out, ref)

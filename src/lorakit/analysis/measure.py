@@ -6,6 +6,9 @@ high-water mark reset (``/proc/self/clear_refs``) after the model and optimizer 
 training steps (plus the resident model) count. glibc's malloc keeps freed blocks below its
 *dynamic* mmap threshold in the heap, which inflates RSS well past the live tensors (measured +80%
 here); the child therefore runs with MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live memory.
+It also runs with MALLOC_ARENA_MAX=1: glibc opens a new arena whenever two threads contend for a
+lock, so with more than one thread the number of arenas (and the RSS they hold) depends on how
+busy the machine is; one arena makes the peak a property of the run, not of the load.
 Linux only (reads /proc).
 """
 
@@ -39,9 +42,10 @@ def measure_training_peak(request: PlanRequest, steps: int = 2, threads: int = 2
         raise PlanError("measuring a 4-bit run is not supported yet (needs lorakit.quant's trainable 4-bit Linear)")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     if fixed_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+        env.update(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, MALLOC_ARENA_MAX="1")
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        env.pop("MALLOC_ARENA_MAX", None)
     payload = json.dumps({"request": dataclasses.asdict(request), "steps": steps, "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "lorakit.analysis.measure", payload], env=env,
                           capture_output=True, text=True, timeout=timeout)
