@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +207,41 @@ def test_ctrl_c_or_sigterm_on_lorakit_train(tmp_path, reference_run, signum):
     assert done.returncode == 0, done.stderr
     assert f"resuming after step {step}" in done.stderr
     assert_same_adapter(reference_run, run)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ctrl_c_under_torchrun_stops_every_process_after_the_same_step(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and both workers (then torchrun forwards it again)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    steps = 200
+
+    def launch(run: Path, *extra: str, **kw) -> subprocess.Popen:
+        cfg = tmp_path / f"{run.name}.yaml"
+        cfg.write_text(yaml.safe_dump(raw_config(run, max_steps=steps)))
+        return subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lorakit", "train",
+                                 str(cfg), "--no-progress", *extra], env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path, **kw)
+
+    reference = launch(tmp_path / "ref")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    run = tmp_path / "cut"
+    proc = launch(run, start_new_session=True)
+    deadline = time.time() + 180
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted (SIGINT) after step ")]  # rank 0 only
+    step = int(line.split("after step ")[1].split()[0])
+    assert step < steps and [s for s, _ in ckpt.list_checkpoints(run)] == [step]
+    resume = shlex.split(line.split("; resume with: ")[1])
+    assert resume[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"] and resume[-1] == "--resume"
+    done = subprocess.run([torchrun, *resume[1:]], env=env(), capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_adapter(tmp_path / "ref", run)

@@ -121,7 +121,9 @@ def rerun_command(args: argparse.Namespace, resume: bool) -> str:
         argv.append("--no-progress")
     if resume:
         argv.append("--resume")
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: resume the same way
-        return shlex.join(["torchrun", "--nproc_per_node", str(processes), "-m", "lorakit", *argv])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1 and world == local:  # torchrun on one machine: resume the same way
+        return shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(local), "-m", "lorakit", *argv])
+    if world > 1:  # several machines: their rendezvous options are not ours to know
+        return "your torchrun command on every node with -m " + shlex.join(["lorakit", *argv])
     return shlex.join(["lorakit", *argv])
