@@ -232,8 +232,8 @@ def lora_config_from(data: dict[str, Any]) -> LoraConfig:
     allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "extra")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigKeyError(f"lora.{unknown[0]} is not a {cls.__name__} field{did_you_mean(unknown[0], allowed, KEY_ALIASES)}; "
-                             f"allowed: {', '.join(allowed)}")
+        guess = did_you_mean(unknown[0], allowed, KEY_ALIASES)
+        raise ConfigKeyError(f"lora.{unknown[0]} is not a {cls.__name__} field{guess}; allowed: {', '.join(allowed)}")
     try:
         return cls(**data)
     except TypeError as exc:
