@@ -85,7 +85,8 @@ def test_adalora_total_step_defaults_to_the_number_of_steps():
     assert cfg.lora_config().total_step == 17
     # the schedule is still checked against max_steps, naming where total_step came from
     assert "leave no budgeting phase" in error_for(ada, "train.max_steps=4")
-    assert "lora.total_step defaults to train.max_steps" in error_for(ada, "train.max_steps=4")
+    assert "(lora.total_step is not set, so it is the run's 4 steps: set it, or adjust tinit/tfinal)" in \
+        error_for(ada, "train.max_steps=4")
 
 
 def test_wrong_type_and_out_of_range_name_key_value_and_rule():
@@ -154,3 +155,11 @@ def test_example_configs_are_valid():
     assert len(examples) >= 4
     for path in examples:
         load_config(path)
+
+
+def test_adalora_schedule_too_long_for_the_computed_steps_says_where_total_step_came_from():
+    cfg = load_config(raw={**BASE, "lora": {"peft_type": "ADALORA", "tinit": 5, "tfinal": 5,
+                                            "target_modules": "all-linear"}})  # steps from epochs: unknown yet
+    cfg.set_total_steps(8)
+    with pytest.raises(ConfigError, match=r"total_step=8 leave no budgeting phase.*it is the run's 8 steps"):
+        cfg.lora_config()

@@ -147,10 +147,7 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _lora_schedule_fits(self) -> TrainConfig:
         if self.train.max_steps and _needs_total_step(self.lora):
-            try:
-                self.lora_config()
-            except ConfigError as exc:
-                raise ConfigError(f"lora: {exc} (lora.total_step defaults to train.max_steps)") from None
+            self.lora_config()  # the schedule checked against the run length it will get
         return self
 
     def set_total_steps(self, steps: int) -> None:
@@ -175,6 +172,14 @@ class TrainConfig(_Section):
                 raise ConfigError("lora.total_step is needed by AdaLoRA's budget schedule: set train.max_steps "
                                   "or lora.total_step (lorakit train fills it in from the number of steps)")
             data = _with_total_step(data, steps)
+            try:
+                return self._lora_config(data)
+            except ConfigError as exc:
+                raise ConfigError(f"lora: {exc} (lora.total_step is not set, so it is the run's {steps} steps: "
+                                  "set it, or adjust tinit/tfinal)") from None
+        return self._lora_config(data)
+
+    def _lora_config(self, data: dict[str, Any]) -> LoraConfig:
         data.setdefault("task_type", "SEQ_CLS" if self.task == "classification" else "CAUSAL_LM")
         return lora_config_from(data)
 
