@@ -99,7 +99,7 @@ def test_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, mon
     with pytest.raises(TrainingInterrupted) as info:
         train(load_config(raw=raw_config(tmp_path / "new" / "run", max_steps=3)))
     assert info.value.checkpoint is None and info.value.exit_code == 143
-    assert str(info.value) == "interrupted (SIGTERM) before the first training step; nothing was saved"
+    assert str(info.value) == "interrupted (SIGTERM) before training started; nothing was saved"
     assert not (tmp_path / "new").exists()
 
 
@@ -245,3 +245,40 @@ def test_ctrl_c_under_torchrun_stops_every_process_after_the_same_step(tmp_path)
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_adapter(tmp_path / "ref", run)
+
+
+def test_signal_while_a_resumed_run_loads_keeps_its_checkpoint(tmp_path, monkeypatch):
+    import lorakit.train.trainer as trainer_module
+
+    raw = raw_config(tmp_path / "run", max_steps=6)
+    with pytest.raises(TrainingInterrupted):
+        train(load_config(raw=raw), reporter=SignalAt(2, signal.SIGINT))
+    real = trainer_module.prepare_data
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "prepare_data", interrupted)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(load_config(raw=raw), resume=True)
+    step2 = tmp_path / "run" / "checkpoints" / "step-2"
+    assert str(info.value) == f"interrupted (SIGINT) before training started; newest checkpoint: {step2}"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
+
+
+def test_the_resume_command_repeats_config_and_overrides(monkeypatch):
+    import argparse
+
+    from lorakit.train.cli import rerun_command
+
+    args = argparse.Namespace(config="my cfg.yaml", overrides=["train.lr=1e-4", "lora.r=8"], no_progress=False)
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert rerun_command(args, True) == "lorakit train 'my cfg.yaml' --set train.lr=1e-4 --set lora.r=8 --resume"
+    assert rerun_command(args, False) == "lorakit train 'my cfg.yaml' --set train.lr=1e-4 --set lora.r=8"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rerun_command(args, True).startswith("torchrun --standalone --nproc_per_node 4 -m lorakit train ")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines
+    assert rerun_command(args, True).startswith("your torchrun command on every node with -m lorakit train ")

@@ -48,8 +48,12 @@ class TrainingInterrupted(LorakitError):
         return 128 + self.signum
 
     def describe(self) -> str:
-        where = f"after step {self.step}" + (f" of {self.total_steps}" if self.total_steps else "") \
-            if self.step else "before the first training step"
+        if self.step is None:  # during set-up (loading the model or data)
+            where = "before training started"
+        elif self.step == 0:
+            where = "before the first training step"
+        else:
+            where = f"after step {self.step}" + (f" of {self.total_steps}" if self.total_steps else "")
         if self.checkpoint is None:
             return f"interrupted ({self.signal_name}) {where}; nothing was saved"
         return f"interrupted ({self.signal_name}) {where}; " \
