@@ -40,6 +40,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="LoRA fine-tuning for PyTorch: train, inspect, merge and serve PEFT-format adapters.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"lorakit {version()}",
+                        help="print lorakit's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = list(COMMANDS) if command == "*" else [command] if command in COMMANDS else []
     for name in wanted:
@@ -52,6 +54,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name not in sub.choices:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or the source tree's when not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("lorakit")
+    except PackageNotFoundError:
+        from lorakit import __version__
+
+        return __version__
 
 
 def _command_in(argv: list[str]) -> str | None:

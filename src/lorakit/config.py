@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -21,8 +21,25 @@ BIAS_MODES = ("none", "all", "lora_only")
 _INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "pissa_niter", "olora", "loftq", "eva", "orthogonal")
 
 
+class _KnownKeywords(type):
+    """Metaclass: an unknown keyword is a ConfigKeyError naming the closest field, not a bare TypeError.
+
+    Checked in ``__call__`` so every dataclass subclass (the variants' configs) gets it without
+    overriding its generated ``__init__``.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        fields = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
+        unknown = [k for k in kwargs if k not in fields]
+        if fields and unknown:
+            raise ConfigKeyError(
+                f"{cls.__name__} got an unknown keyword {unknown[0]!r}{did_you_mean(unknown[0], fields)}; "
+                f"its fields are: {', '.join(f for f in fields if f != 'extra')}")
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(metaclass=_KnownKeywords):
     r: int = 8  # rank of the update ΔW = B·A; trainable params per Linear = r·(in + out)
     lora_alpha: float = 8  # ΔW is scaled by lora_alpha / r (or / √r with use_rslora)
     lora_dropout: float = 0.0  # dropout on the LoRA path's input only; the base path never sees it

@@ -79,7 +79,7 @@ def run_task(task: str, out: Path, quick: bool) -> dict[str, Any]:
     probe = linear_probe(load_base("minilm", "classification", SHARED_WIDTH, seed=0), data, pad)
     rows["linear probe"] = {"acc": probe.accuracy, "f1": probe.f1, "params": probe.trainable_params,
                             "s": probe.seconds}
-    trainer = Trainer(cfg, reporter=_Bar(f"{task} LoRA"))
+    trainer = Trainer(cfg, reporter=_Bar(f"{task} LoRA"), handle_signals=False)  # no --resume: Ctrl-C just stops
     res = trainer.run()
     rows["LoRA r=8"] = {"acc": res.metrics["eval_accuracy"], "f1": res.metrics["eval_f1"],
                         "params": res.trainable_params, "s": res.train_seconds, "tok_s": res.tokens_per_s}

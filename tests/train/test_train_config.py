@@ -31,11 +31,62 @@ def test_defaults_and_overrides_parse_values_as_yaml():
 
 
 def test_unknown_key_names_key_and_allowed_keys():
-    msg = error_for(BASE, "train.learning_rate=0.1")
-    assert "train.learning_rate (got 0.1): unknown key; allowed here: output_dir, seed," in msg
+    msg = error_for(BASE, "train.learnin_rat=0.1")
+    assert "train.learnin_rat (got 0.1): unknown key; allowed here: output_dir, seed," in msg  # nothing close
     assert "config.trian" not in error_for(BASE, "trian.lr=1")
-    assert "trian (got {'lr': 1}): unknown key; allowed here: model, quant, lora, data, train" in \
-        error_for(BASE, "trian.lr=1")
+    assert "trian (got {'lr': 1}): unknown key (did you mean 'train'?); allowed here: model, quant, lora, data, " \
+        "train" in error_for(BASE, "trian.lr=1")
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("train.max_step=3", "max_steps"), ("train.LR=1", "lr"), ("data.train_files=x", "train_file"),
+    ("train.learning_rate=0.1", "lr"),  # transformers' name
+    ("train.gradient_accumulation_steps=2", "grad_accum"), ("modle.name_or_path=x", "model"),
+])
+def test_a_typo_in_a_key_says_did_you_mean(typo, meant):
+    key = typo.partition("=")[0].removesuffix(".name_or_path")  # a mistyped section is reported as such
+    assert f"{key} (got " in error_for(BASE, typo)
+    assert f"unknown key (did you mean {meant!r}?); allowed here:" in error_for(BASE, typo)
+
+
+def test_a_typo_in_a_lora_key_says_did_you_mean():
+    msg = error_for(BASE, "lora.lora_aplha=16")
+    assert "lora.lora_aplha is not a LoraConfig field (did you mean 'lora_alpha'?); allowed: alpha_pattern," in msg
+    assert "(did you mean 'r'?)" in error_for(BASE, "lora.rank=8")
+    assert "AdaLoraConfig field (did you mean 'total_step'?)" in \
+        error_for(BASE, "lora.peft_type=ADALORA", "lora.total_steps=10")
+
+
+def test_broken_yaml_names_file_line_and_column_in_one_line(tmp_path):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("model:\n  name_or_path: tiny-llama\ndata:\n  train_file: data: x.jsonl\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    msg = str(info.value)
+    assert msg.startswith(f"{cfg}, line 4, column 19: invalid YAML: mapping values are not allowed here")
+    assert "\n" not in msg
+    cfg.write_text("train: {lr: [1, 2}\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml, line 1, column 18: invalid YAML: expected ',' or ']'"):
+        load_config(cfg)
+
+
+def test_adalora_total_step_defaults_to_the_number_of_steps():
+    ada = {**BASE, "lora": {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 2,
+                            "target_modules": "all-linear"}}
+    cfg = load_config(raw=ada, overrides=["train.max_steps=30"])
+    assert cfg.lora_config().total_step == 30
+    assert cfg.resolved()["lora"]["total_step"] == 30
+    assert load_config(raw=ada, overrides=["lora.total_step=12"]).lora_config().total_step == 12  # given: kept
+    # by epochs: known once the data is read; the Trainer sets it
+    cfg = load_config(raw=ada)
+    with pytest.raises(ConfigError, match="set train.max_steps or lora.total_step"):
+        cfg.lora_config()
+    cfg.set_total_steps(17)
+    assert cfg.lora_config().total_step == 17
+    # the schedule is still checked against max_steps, naming where total_step came from
+    assert "leave no budgeting phase" in error_for(ada, "train.max_steps=4")
+    assert "(lora.total_step is not set, so it is the run's 4 steps: set it, or adjust tinit/tfinal)" in \
+        error_for(ada, "train.max_steps=4")
 
 
 def test_wrong_type_and_out_of_range_name_key_value_and_rule():
@@ -51,8 +102,8 @@ def test_wrong_type_and_out_of_range_name_key_value_and_rule():
 
 
 def test_lora_section_is_the_loraconfig_fields():
-    msg = error_for(BASE, "lora.rank=8")
-    assert "lora.rank is not a LoraConfig field; allowed: alpha_pattern, base_model_name_or_path, bias," in msg
+    msg = error_for(BASE, "lora.qqq=8")
+    assert "lora.qqq is not a LoraConfig field; allowed: alpha_pattern, base_model_name_or_path, bias," in msg
     assert "lora (got {'r': 0}): r must be a positive integer (the LoRA rank), got 0" in error_for(BASE, "lora.r=0")
     cfg = load_config(raw=BASE, overrides=["lora.use_rslora=true", "lora.r=4", "lora.target_modules=all-linear"])
     assert cfg.lora_config().use_rslora is True
@@ -91,7 +142,7 @@ def test_resolved_config_is_complete_and_round_trips(tmp_path):
 
 def test_yaml_file_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("data: [1, 2\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"c.yaml, line 2, column 1: invalid YAML"):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -104,3 +155,11 @@ def test_example_configs_are_valid():
     assert len(examples) >= 4
     for path in examples:
         load_config(path)
+
+
+def test_adalora_schedule_too_long_for_the_computed_steps_says_where_total_step_came_from():
+    cfg = load_config(raw={**BASE, "lora": {"peft_type": "ADALORA", "tinit": 5, "tfinal": 5,
+                                            "target_modules": "all-linear"}})  # steps from epochs: unknown yet
+    cfg.set_total_steps(8)
+    with pytest.raises(ConfigError, match=r"total_step=8 leave no budgeting phase.*it is the run's 8 steps"):
+        cfg.lora_config()

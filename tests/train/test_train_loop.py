@@ -201,3 +201,16 @@ def test_qlora_nf4_base(tmp_path):
     ids = torch.tensor([[1, 70, 71, 72]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)
+
+
+def test_adalora_takes_total_step_from_the_run_length(tmp_path):
+    raw = config(tmp_path, max_steps=None, epochs=2, save_every=0, eval_every=0)
+    raw["lora"].update({"peft_type": "ADALORA", "init_r": 4, "target_r": 2})  # no total_step
+    result = train(load_config(raw=raw))
+    assert result.steps == 4  # 8 records, batch 4, 2 epochs
+    import yaml
+
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["lora"]["total_step"] == 4
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["total_step"] == 4
+    assert sum(sum(kept) for kept in saved["rank_pattern"].values()) == 2 * len(saved["rank_pattern"])  # pruned

@@ -128,3 +128,57 @@ def check_run_dir(run_dir: Path, need_bytes: int) -> None:
 def checkpoint_bytes(trainable_numel: int, bytes_per_param: int = 4) -> int:
     """Rough size of one checkpoint: weights twice (adapter + exact copy) and AdamW's two moments."""
     return trainable_numel * bytes_per_param * 4 + (1 << 20)
+
+
+# what a run writes at its top level before its first checkpoint (nothing else is ever removed)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "loss.png", "summary.json")
+RUN_FOLDERS = ("base",)  # tiny-llama's random base, saved for generate
+
+
+def missing_dirs(run_dir: Path) -> list[Path]:
+    """The folders from `run_dir` upwards that don't exist yet (deepest first): what a run will create."""
+    out = []
+    for folder in [Path(run_dir).absolute(), *Path(run_dir).absolute().parents]:
+        if folder.exists():
+            break
+        out.append(folder)
+    return out
+
+
+def remove_unused_run_dir(run_dir: Path, created: list[Path]) -> bool:
+    """After a failed run: take away the folders it created if it left nothing worth keeping.
+
+    Only when this run created `run_dir` and it holds no checkpoint and no adapter; then the files the
+    run itself writes are deleted and the folders are removed only if that leaves them empty, so
+    anything else found there (put by someone else meanwhile) stays. Returns whether it was removed.
+    """
+    run_dir = Path(run_dir).absolute()
+    if not created or created[0] != run_dir or not run_dir.is_dir():
+        return False
+    if list_checkpoints(run_dir) or (run_dir / "adapter").exists():
+        return False
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for probe in run_dir.glob(".write-probe-*"):
+        probe.unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        remove_partial(run_dir)  # only .tmp-/.old- folders can be there: no complete checkpoint exists
+        _rmdir(root)
+    removed = False
+    for folder in created:  # deepest first; stop at the first one that isn't empty
+        if not _rmdir(folder):
+            break
+        removed = True
+    return removed
+
+
+def _rmdir(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+        return True
+    except OSError:
+        return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -14,6 +15,7 @@ HELP = """Fine-tune a LoRA adapter from a YAML config.
   lorakit train examples/tiny_llama_instruction.yaml
   lorakit train cfg.yaml --set train.lr=1e-4 --set lora.r=16
   lorakit train cfg.yaml --resume            # after a crash or kill: continue from the last checkpoint
+  (Ctrl-C or SIGTERM: finishes the current step, writes a checkpoint, prints the command to resume)
   torchrun --nproc_per_node 2 -m lorakit train cfg.yaml     # data-parallel (gloo on CPU, NCCL on GPU)
 
 The run folder (train.output_dir) receives config.yaml (resolved), metrics.jsonl, loss.png,
@@ -81,12 +83,24 @@ def run(args: argparse.Namespace) -> int:
     except LorakitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from lorakit.train.trainer import train
+    try:  # importing torch and transformers takes seconds: a Ctrl-C then is no traceback either
+        from lorakit.train.interrupt import TrainingInterrupted
+        from lorakit.train.trainer import train
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
     main = int(os.environ.get("RANK", "0")) == 0
     reporter = TqdmReporter(enabled=main, bar=not args.no_progress)
     try:
         result = train(cfg, resume=args.resume, reporter=reporter)
+    except TrainingInterrupted as exc:
+        reporter.close()
+        if main:
+            resume = exc.checkpoint is not None
+            print(f"{exc}; {'resume with' if resume else 'start again with'}: {rerun_command(args, resume)}",
+                  file=sys.stderr)
+        return exc.exit_code
     except LorakitError as exc:
         reporter.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -96,3 +110,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {result.steps} steps, {result.tokens_per_s:.0f} tokens/s"
               + (f"; {metrics}" if metrics else "") + f"\nadapter: {result.adapter_dir}")
     return 0
+
+
+def rerun_command(args: argparse.Namespace, resume: bool) -> str:
+    """The shell command that continues (or restarts) this run: same config, same --set overrides."""
+    argv = ["train", args.config]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.no_progress:
+        argv.append("--no-progress")
+    if resume:
+        argv.append("--resume")
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world > 1 and world == local:  # torchrun on one machine: resume the same way
+        return shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(local), "-m", "lorakit", *argv])
+    if world > 1:  # several machines: their rendezvous options are not ours to know
+        return "your torchrun command on every node with -m " + shlex.join(["lorakit", *argv])
+    return shlex.join(["lorakit", *argv])

@@ -21,10 +21,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
 
 
 class _Section(BaseModel):
@@ -126,11 +134,25 @@ class TrainConfig(_Section):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection, description="the optimisation loop and run folder")
 
+    # the run's number of optimizer steps once the Trainer knows it (AdaLoRA's total_step default)
+    _total_steps: int | None = PrivateAttr(None)
+
     @field_validator("lora")
     @classmethod
     def _lora_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
-        lora_config_from(value)  # raises ConfigError -> reported under `lora`
+        # raises ConfigError -> reported under `lora`; a missing total_step is filled in later (below)
+        lora_config_from(_with_total_step(value, _UNKNOWN_STEPS))
         return value
+
+    @model_validator(mode="after")
+    def _lora_schedule_fits(self) -> TrainConfig:
+        if self.train.max_steps and _needs_total_step(self.lora):
+            self.lora_config()  # the schedule checked against the run length it will get
+        return self
+
+    def set_total_steps(self, steps: int) -> None:
+        """The run's step count, known once the data is read: AdaLoRA's total_step when not given."""
+        self._total_steps = steps
 
     # ------------------------------------------------------------------ derived
     @property
@@ -144,6 +166,20 @@ class TrainConfig(_Section):
 
     def lora_config(self) -> LoraConfig:
         data = dict(self.lora)
+        if _needs_total_step(data):
+            steps = self.train.max_steps or self._total_steps
+            if steps is None:
+                raise ConfigError("lora.total_step is needed by AdaLoRA's budget schedule: set train.max_steps "
+                                  "or lora.total_step (lorakit train fills it in from the number of steps)")
+            data = _with_total_step(data, steps)
+            try:
+                return self._lora_config(data)
+            except ConfigError as exc:
+                raise ConfigError(f"lora: {exc} (lora.total_step is not set, so it is the run's {steps} steps: "
+                                  "set it, or adjust tinit/tfinal)") from None
+        return self._lora_config(data)
+
+    def _lora_config(self, data: dict[str, Any]) -> LoraConfig:
         data.setdefault("task_type", "SEQ_CLS" if self.task == "classification" else "CAUSAL_LM")
         return lora_config_from(data)
 
@@ -155,6 +191,22 @@ class TrainConfig(_Section):
 
 
 VARIANT_PEFT_TYPES = ("ADALORA",)  # config classes besides LoraConfig that --help lists
+
+
+_UNKNOWN_STEPS = 2**31 - 1  # stands in for total_step while the number of steps is not known yet
+
+
+def _needs_total_step(lora: dict[str, Any]) -> bool:
+    """A variant whose schedule needs the run length (AdaLoRA), and the config leaves it out."""
+    try:
+        cls = lora_config_class(lora.get("peft_type", "LORA"))
+    except (ConfigError, ImportError):
+        return False
+    return "total_step" in {f.name for f in dataclasses.fields(cls)} and lora.get("total_step") is None
+
+
+def _with_total_step(lora: dict[str, Any], steps: int) -> dict[str, Any]:
+    return {**lora, "total_step": steps} if _needs_total_step(lora) else lora
 
 
 def _is_builtin(path: str) -> bool:
@@ -169,13 +221,24 @@ def lora_config_class(peft_type: str) -> type[LoraConfig]:
     return config_class_for_peft_type(str(peft_type).upper())
 
 
+# names newcomers bring from transformers' TrainingArguments and PEFT tutorials -> ours
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule", "max_seq_length": "max_length",
+    "per_device_eval_batch_size": "eval_batch_size", "save_steps": "save_every", "eval_steps": "eval_every",
+    "logging_steps": "log_every", "save_total_limit": "keep_last", "model_name_or_path": "name_or_path",
+    "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_layers": "target_modules",
+}
+
+
 def lora_config_from(data: dict[str, Any]) -> LoraConfig:
     """Build the (variant) LoraConfig; unknown keys are an error listing the allowed ones."""
     cls = lora_config_class(data.get("peft_type", "LORA"))
     allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "extra")
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"lora.{unknown[0]} is not a {cls.__name__} field; allowed: {', '.join(allowed)}")
+        guess = did_you_mean(unknown[0], allowed, KEY_ALIASES)
+        raise ConfigKeyError(f"lora.{unknown[0]} is not a {cls.__name__} field{guess}; allowed: {', '.join(allowed)}")
     try:
         return cls(**data)
     except TypeError as exc:
@@ -194,13 +257,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            raise ConfigError(yaml_error_message(path, exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections (model, quant, lora, data, train), got {raw!r}")
     raw = _deep_copy(raw)
     for item in overrides or []:
         apply_override(raw, item)
     return validate_config(raw)
+
+
+def yaml_error_message(path: str | Path, exc: yaml.YAMLError) -> str:
+    """One line: file, line and column (1-based) and what PyYAML found there."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return (f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+            + "; check the indentation and quote values that contain ': ' or start with a special character")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -237,7 +310,7 @@ def format_validation_error(exc: ValidationError, raw: dict[str, Any]) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
-            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+            msg = f"unknown key{did_you_mean(loc[-1], allowed, KEY_ALIASES)}; allowed here: {', '.join(allowed)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
         if msg.startswith("lora"):  # our own message names the key already

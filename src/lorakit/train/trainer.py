@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, epoch_batches, pad_id
 from lorakit.train.evaluate import autocast, evaluate, summed_loss
+from lorakit.train.interrupt import StopSignals, TrainingInterrupted
 from lorakit.train.model_setup import build_model, check_quant_available, write_final
 from lorakit.train.optim import Schedule, build_optimizer
 from lorakit.train.plots import MetricsLog, plot_losses
@@ -66,19 +68,45 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, reporter: Reporter | None = None):
+    """One training run. ``handle_signals``: SIGINT/SIGTERM stop it at a step boundary with a
+    checkpoint and raise :class:`~lorakit.train.interrupt.TrainingInterrupted` (main thread only)."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, reporter: Reporter | None = None,
+                 handle_signals: bool = True):
         self.cfg = config
         self.resume = resume
         self.reporter = reporter or Reporter()
+        self.handle_signals = handle_signals
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.plotted = -math.inf  # the first eval/save draws loss.png at once
+        self.state: dict[str, Any] = {}
+        self.saved_step = -1  # the step of the checkpoint on disk that matches the current state
 
     def run(self) -> RunResult:
-        info = distributed.setup(self.cfg.train.device)
-        try:
-            return self._run(info)
-        finally:
-            distributed.teardown(info)
+        run_dir = Path(self.cfg.train.output_dir)
+        created = ckpt.missing_dirs(run_dir)  # what this run creates, so a failed one can take it away
+        is_main = True
+        with StopSignals(self.handle_signals) as self.stop:
+            try:
+                info = distributed.setup(self.cfg.train.device)
+                is_main = info.is_main
+                try:
+                    return self._run(info)
+                finally:
+                    distributed.teardown(info)
+            except TrainingInterrupted as exc:
+                if exc.step is None and self.state:
+                    exc.step = self.state["step"]
+                if exc.checkpoint is None and is_main:
+                    exc.checkpoint = ckpt.latest_checkpoint(run_dir)
+                exc.args = (exc.describe(),)
+                if is_main:
+                    ckpt.remove_unused_run_dir(run_dir, created)
+                raise
+            except BaseException:
+                if is_main:
+                    ckpt.remove_unused_run_dir(run_dir, created)
+                raise
 
     # ------------------------------------------------------------------ set-up
     def _run(self, info: distributed.DistInfo) -> RunResult:
@@ -97,6 +125,11 @@ class Trainer:
         data = prepare_data(cfg, tokenizer)
         cfg.model.task = data.task  # "auto" resolved from the data, for the model and config.yaml
         self.data, self.tokenizer, self.info = data, tokenizer, info
+        global_rows = tc.batch_size * info.world_size
+        self.micro_per_epoch = math.ceil(len(data.train) / global_rows)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / tc.grad_accum)
+        total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+        cfg.set_total_steps(total_steps)  # AdaLoRA's total_step when the lora section leaves it out
         self.num_labels = len(data.labels) if data.labels else None
         model = build_model(cfg, data.labels, run_dir if info.is_main else None, info.device)
         self.model = model
@@ -113,10 +146,6 @@ class Trainer:
         distributed.broadcast_params(self.params, info)
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio, tc.adam_betas,
                                          tc.adam_eps)
-        global_rows = tc.batch_size * info.world_size
-        self.micro_per_epoch = math.ceil(len(data.train) / global_rows)
-        steps_per_epoch = math.ceil(self.micro_per_epoch / tc.grad_accum)
-        total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
         self.schedule = Schedule(total_steps, warmup, tc.schedule, tc.min_lr_ratio)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if info.is_main else None
@@ -148,6 +177,7 @@ class Trainer:
             random.seed(self.cfg.train.seed)
             return fresh
         tensors, saved = ckpt.load_checkpoint(latest)
+        self.saved_step = saved["step"]
         named = dict(self.model.named_parameters())
         missing = [k for k in named if named[k].requires_grad and k not in tensors]
         if missing or set(tensors) - set(named):
@@ -182,7 +212,10 @@ class Trainer:
         self.reporter.start(total_steps, state["step"])
         started, run_tokens = time.perf_counter(), 0
         order: tuple[int, list[list[int]]] | None = None
+        self.stop.deferring = True  # from here a signal stops at the next step boundary, with a checkpoint
         while state["step"] < total_steps:
+            if self.stop.signum is not None and not info.enabled:  # one process: don't start another step
+                self._interrupted(run_dir, total_steps)
             if order is None or order[0] != state["epoch"]:
                 order = (state["epoch"], epoch_batches(lengths, global_rows, tc.seed, state["epoch"],
                                                        self.cfg.data.group_by_length))
@@ -193,7 +226,7 @@ class Trainer:
             count = sum(n_targets[i] for rows in micro for i in rows)  # known to every process
             lr = tc.lr * self.schedule.factor(state["step"])
             self.schedule.apply(self.optimizer, state["step"])
-            sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, input tokens) on this process
+            sums = torch.zeros(3, dtype=torch.float64)  # (loss sum, input tokens, stop requests) on this process
             for rows in micro:
                 mine = rows[info.rank::info.world_size]
                 if not mine:
@@ -203,7 +236,9 @@ class Trainer:
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss_sum = summed_loss(logits, batch["labels"], self.num_labels)
                 (loss_sum / max(count, 1)).backward()
-                sums += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+                sums[:2] += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+            # a signal seen by any process stops them all after this same step
+            sums[2] = float(self.stop.signum is not None)
             sums = distributed.all_reduce_sum(sums.to(info.device), info).cpu()
             if not math.isfinite(float(sums[0])):
                 self._diverged(run_dir, "loss", float(sums[0]), lr)
@@ -227,6 +262,9 @@ class Trainer:
             tok_s = run_tokens / max(elapsed, 1e-9)
             self.reporter.update(state["step"], {"loss": float(sums[0]) / max(count, 1), "lr": lr, "tok/s": tok_s})
             self._after_step(run_dir, total_steps, lr, tok_s)
+            if sums[2] > 0 and state["step"] < total_steps:
+                self._interrupted(run_dir, total_steps)
+        self.stop.deferring = False  # the run is complete: finish writing it
         elapsed = time.perf_counter() - started
         final = self._finish(run_dir, total_steps)
         self.reporter.close()
@@ -290,7 +328,19 @@ class Trainer:
                                  {k: state[k] for k in ("step", "epoch", "batch", "best", "tokens")})
             best = state["best"]["step"] if state["best"] else -1
             ckpt.prune_checkpoints(run_dir, self.cfg.train.keep_last, {best})
+        self.saved_step = state["step"]
         distributed.barrier(info)
+
+    def _interrupted(self, run_dir: Path, total_steps: int) -> None:
+        """Checkpoint the step boundary just reached (unless on disk already) and stop."""
+        step = self.state["step"]
+        saved = step > 0 and self.saved_step != step
+        if saved:
+            self._save(run_dir)
+        self.reporter.close()
+        signum = self.stop.signum if self.stop.signum is not None else int(signal.SIGTERM)  # another rank's
+        raise TrainingInterrupted(signum, step, ckpt.latest_checkpoint(run_dir) if self.info.is_main else None,
+                                  saved=saved, total_steps=total_steps)
 
     def _diverged(self, run_dir: Path, what: str, value: float, lr: float) -> None:
         step = self.state["step"] + 1
@@ -334,9 +384,10 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def train(config: TrainConfig, resume: bool = False, reporter: Reporter | None = None) -> RunResult:
+def train(config: TrainConfig, resume: bool = False, reporter: Reporter | None = None,
+          handle_signals: bool = True) -> RunResult:
     """Run a training job; see :class:`Trainer`."""
-    return Trainer(config, resume, reporter).run()
+    return Trainer(config, resume, reporter, handle_signals).run()
 
 
-__all__ = ["Prepared", "Reporter", "RunResult", "Trainer", "TrainingDivergedError", "train"]
+__all__ = ["Prepared", "Reporter", "RunResult", "Trainer", "TrainingDivergedError", "TrainingInterrupted", "train"]
