@@ -35,6 +35,7 @@ from lorakit.targeting import (
     named_wrappers,
     visible_modules,
 )
+from lorakit.trainable_tokens import TrainableTokens, token_targets
 from lorakit.variants import adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
@@ -77,7 +78,7 @@ class LoraModel(nn.Module):
     def lora_layers(self) -> Iterator[LoraLayer]:
         yield from (m for m in iter_wrappers(self.model) if isinstance(m, LoraLayer))
 
-    def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies]:
+    def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies | TrainableTokens]:
         yield from iter_wrappers(self.model)
 
     def _replace(self, path: str, new: nn.Module) -> None:
@@ -108,6 +109,8 @@ class LoraModel(nn.Module):
                     module = TrainableCopies(module)
                     self._replace(path, module)
                 module.add_adapter(adapter_name)
+            if config.trainable_token_indices is not None:
+                self._add_trainable_tokens(adapter_name, config)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -131,6 +134,24 @@ class LoraModel(nn.Module):
         adapter = layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path),
                                     config.lora_dropout, config.init_lora_weights, adapter_class(config, layer))
         setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+
+    def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
+        """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else None
+        for path, ids in token_targets(self.model, config.trainable_token_indices, visible_modules(self.model)):
+            module = self.model.get_submodule(path)
+            if isinstance(module, LoraLayer):
+                raise ConfigError(f"{path!r} is targeted by LoRA and by trainable_token_indices; PEFT can't "
+                                  "combine them on one layer either: drop it from target_modules")
+            if not isinstance(module, TrainableTokens):
+                module = TrainableTokens(module)
+                self._replace(path, module)
+            module.add_adapter(name, ids)
+            out_now = get_out() if callable(get_out) else None
+            if out is not None and getattr(out, "weight", None) is module.base.weight and out_now is out:
+                out_path = next(p for p, m in visible_modules(self.model) if m is out)
+                self._replace(out_path, TrainableTokens(out, tied_to=module))
 
     def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
         module = self.model.get_submodule(path) if path else self.model
@@ -164,6 +185,8 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
             elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
                 module.delete_adapter(adapter_name)
+            elif isinstance(module, TrainableTokens) and module.tied_to is None and adapter_name in module.values:
+                module.delete_adapter(adapter_name)
         self._unwrap_empty()
         del self.peft_config[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -177,8 +200,9 @@ class LoraModel(nn.Module):
             for path, module in list(named_wrappers(self.model)):
                 empty_lora = isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
                 empty_copies = isinstance(module, TrainableCopies) and not module.copies
-                if empty_lora or empty_copies:
-                    self._replace(path, module.base if empty_lora else module.original)
+                empty_tokens = isinstance(module, TrainableTokens) and not module.adapter_names
+                if empty_lora or empty_copies or empty_tokens:
+                    self._replace(path, module.original if empty_copies else module.base)
                     changed = True
                     break
 
@@ -205,6 +229,12 @@ class LoraModel(nn.Module):
         """
         trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
         for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                if module.tied_to is None:
+                    for name, values in module.values.items():
+                        if only is None or name == only:
+                            values.requires_grad_(name in trainable)
+                continue
             groups = module.adapters if isinstance(module, LoraLayer) else module.copies
             items = [(only, groups[only])] if only is not None and only in groups else (
                 [] if only is not None else groups.items())
@@ -215,7 +245,7 @@ class LoraModel(nn.Module):
             bias = self.peft_config[name].bias
             if bias == "all":
                 for key, p in self.model.named_parameters():
-                    if key.endswith("bias") and ".adapters." not in key:
+                    if (key == "bias" or key.endswith(".bias")) and ".adapters." not in key:  # PEFT's rule
                         p.requires_grad_(True)
             elif bias == "lora_only":
                 for layer in self.lora_layers():
@@ -310,10 +340,16 @@ class LoraModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         for layer in self.lora_layers():
             layer.merge(names, safe=safe_merge)
+        for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                module.merge(names)
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers():
             layer.unmerge()
+        for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                module.unmerge()
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
         """Merge, then return the plain base model (its own class, no LoRA modules left)."""
@@ -323,7 +359,7 @@ class LoraModel(nn.Module):
     def unload(self, _merged: bool = False) -> nn.Module:
         """Remove every LoRA module and return the base model (merged weights stay merged)."""
         for path, module in sorted(named_wrappers(self.model), key=lambda kv: -kv[0].count(".")):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, (LoraLayer, TrainableTokens)):
                 self._replace(path, module.base)
             elif isinstance(module, TrainableCopies):
                 self._replace(path, module.active_copy() if _merged else module.original)
