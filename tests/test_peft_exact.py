@@ -10,7 +10,15 @@ import peft
 import pytest
 import torch
 from factories import tiny_gpt2, tiny_llama
-from peft_exact import MLP, ConvNet, GRUTagger, lorakit_to_peft, peft_to_lorakit_to_peft, run
+from peft_exact import (
+    MLP,
+    ConvNet,
+    GRUTagger,
+    lorakit_to_peft,
+    peft_to_lorakit_to_peft,
+    randomize_trainable,
+    run,
+)
 from safetensors.torch import load_file
 
 import lorakit
@@ -226,3 +234,35 @@ def test_olora_delete_and_failed_load_restore_the_base(tmp_path):
 def test_orthogonal_needs_an_even_rank():
     with pytest.raises(lorakit.ConfigError, match="even"):
         lorakit.get_lora_model(tiny_llama(), LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+
+
+# ---------------------------------------------------------------------- DoRA on Linear
+DORA_CASES = {
+    "mlp": (MLP, dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1", "lin2"], use_dora=True), X_MLP),
+    "mlp-rslora": (MLP, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["lin0", "lin1"], use_dora=True),
+                   X_MLP),
+    "llama": (tiny_llama, dict(r=4, lora_alpha=32, target_modules=["q_proj", "down_proj"], use_dora=True), IDS),
+    "gpt2-fan-in-fan-out": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                            use_dora=True), IDS),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DORA_CASES))
+def test_dora_linear_bit_identical_both_ways(case, tmp_path):
+    make, kwargs, x = DORA_CASES[case]
+    peft_to_lorakit_to_peft(make, kwargs, x, tmp_path)
+    lorakit_to_peft(make, kwargs, x, tmp_path / "2")
+
+
+def test_dora_linear_training_forward_with_dropout_matches_peft(tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], use_dora=True, lora_dropout=0.3)
+    pm = peft.get_peft_model(MLP(), peft.LoraConfig(**kwargs))
+    randomize_trainable(pm)
+    pm.save_pretrained(tmp_path)
+    ours = lorakit.LoraModel.from_pretrained(MLP(), tmp_path, is_trainable=True)
+    pm.train()
+    ours.train()
+    torch.manual_seed(5)
+    ref = pm(X_MLP)
+    torch.manual_seed(5)
+    assert torch.equal(ours(X_MLP), ref)  # same dropout draws, same W0·x without the bias
