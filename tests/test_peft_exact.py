@@ -266,3 +266,63 @@ def test_dora_linear_training_forward_with_dropout_matches_peft(tmp_path):
     ref = pm(X_MLP)
     torch.manual_seed(5)
     assert torch.equal(ours(X_MLP), ref)  # same dropout draws, same W0·x without the bias
+
+
+# ---------------------------------------------------------------------- add_weighted_adapter
+def _two_adapters(tmp_path, a_kwargs, b_kwargs):
+    pm = peft.get_peft_model(MLP(), peft.LoraConfig(**a_kwargs), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(**b_kwargs))
+    randomize_trainable(pm)
+    g = torch.Generator().manual_seed(4)  # add_adapter leaves "b" frozen: give it values too
+    with torch.no_grad():
+        for name, p in sorted(pm.named_parameters()):
+            if ".b." in name or name.endswith(".b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval().requires_grad_(False)
+    pm.save_pretrained(tmp_path)
+    ours = lorakit.LoraModel.from_pretrained(MLP(), tmp_path / "a" if (tmp_path / "a").is_dir() else tmp_path,
+                                             adapter_name="a")
+    ours.load_adapter(tmp_path / "b", "b")
+    return pm, ours
+
+
+@pytest.mark.parametrize("combo", ["cat", "linear", "svd"])
+def test_dora_adapters_combine_like_peft(combo, tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], use_dora=True)
+    pm, ours = _two_adapters(tmp_path, kwargs, dict(kwargs, lora_alpha=4))
+    pm.add_weighted_adapter(["a", "b"], [0.7, 0.4], "mix", combination_type=combo)
+    ours.add_weighted_adapter(["a", "b"], [0.7, 0.4], "mix", combination_type=combo)
+    pm.set_adapter("mix")
+    ours.set_adapter("mix")
+    assert ours.peft_config["mix"].use_dora
+    layer = ours.model.lin0.adapters["mix"]
+    torch.testing.assert_close(layer.lora_magnitude, pm.base_model.model.lin0.lora_magnitude_vector["mix"].weight,
+                               rtol=0, atol=0)  # PEFT's magnitude: the base weight's norms
+    ref = run(pm, X_MLP)
+    torch.testing.assert_close(run(ours, X_MLP), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_svd_with_rank_pattern_uses_the_global_max_rank_like_peft(tmp_path):
+    a = dict(r=2, lora_alpha=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 6})
+    b = dict(r=4, lora_alpha=4, target_modules=["lin0", "lin1"])
+    pm, ours = _two_adapters(tmp_path, a, b)
+    pm.add_weighted_adapter(["a", "b"], [1.0, -0.5], "mix", combination_type="svd")
+    ours.add_weighted_adapter(["a", "b"], [1.0, -0.5], "mix", combination_type="svd")
+    for name in ("lin0", "lin1"):  # every layer gets rank 6, as in PEFT (lin0 is not cut to its own 4)
+        assert getattr(ours.model, name).adapters["mix"].rank == 6
+        assert getattr(pm.base_model.model, name).lora_A["mix"].weight.shape[0] == 6
+    pm.set_adapter("mix")
+    ours.set_adapter("mix")
+    ref = run(pm, X_MLP)
+    torch.testing.assert_close(run(ours, X_MLP), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_linear_combination_with_different_scalings_and_a_negative_weight_matches_peft(tmp_path):
+    a = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"])
+    pm, ours = _two_adapters(tmp_path, a, dict(a, lora_alpha=2))
+    pm.add_weighted_adapter(["a", "b"], [0.8, -0.3], "mix", combination_type="linear")
+    ours.add_weighted_adapter(["a", "b"], [0.8, -0.3], "mix", combination_type="linear")
+    pm.set_adapter("mix")
+    ours.set_adapter("mix")
+    ref = run(pm, X_MLP)
+    torch.testing.assert_close(run(ours, X_MLP), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -36,7 +36,7 @@ from lorakit.targeting import (
     visible_modules,
 )
 from lorakit.trainable_tokens import TrainableTokens, token_targets
-from lorakit.variants import adapter_class, prepare_load, setup_adapter
+from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -258,8 +258,13 @@ class LoraModel(nn.Module):
         """Create `adapter_name` from a weighted combination of existing adapters.
 
         * ``cat`` (default): exact, ΔW = Σ wᵢ·ΔWᵢ with rank Σ rᵢ;
-        * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank);
+        * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank of
+          any adapter, rank_pattern included, on every layer: PEFT's rule);
         * ``linear``: PEFT's A = Σ √wᵢ·Aᵢ, B = Σ √wᵢ·sᵢ·Bᵢ (equal ranks; only approximates the sum).
+
+        DoRA adapters combine as in PEFT: their low-rank factors are combined as above and the new
+        adapter is DoRA again (when the first one is) with its magnitude starting at the base
+        weight's norms, exactly what PEFT's add_weighted_adapter produces.
         """
         if len(adapters) != len(weights) or not adapters:
             raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -268,13 +273,20 @@ class LoraModel(nn.Module):
             raise AdapterError(f"no adapter named {unknown}; adapters: {sorted(self.peft_config)}")
         if combination_type not in ("cat", "svd", "linear"):
             raise ConfigError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}")
+        configs = [self.peft_config[n] for n in adapters]
+        global_rank = svd_rank or max(max([c.r, *map(int, c.rank_pattern.values())]) for c in configs)
         factors_by_path = {}
         for path, layer in named_wrappers(self.model):
             if not isinstance(layer, LoraLayer) or not any(n in layer.adapters for n in adapters):
                 continue
-            if isinstance(layer, LoraParameter) or any(
-                    layer.adapters[n].custom_math for n in adapters if n in layer.adapters):
-                raise ConfigError(f"layer {path!r}: weighted combination supports plain LoRA layers only")
+            if isinstance(layer, LoraParameter):
+                raise ConfigError(f"layer {path!r}: weighted combination does not support target_parameters "
+                                  "(PEFT refuses it too)")
+            odd = [n for n in adapters if n in layer.adapters and layer.adapters[n].custom_math
+                   and not isinstance(layer.adapters[n], DoraAdapter)]
+            if odd:
+                raise ConfigError(f"layer {path!r}: adapter {odd[0]!r} is a {type(layer.adapters[odd[0]]).__name__}; "
+                                  "weighted combination supports plain LoRA and DoRA adapters only")
             present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
             factors = [arithmetic.LoraFactors(ad.lora_a.flatten(1), ad.lora_b.flatten(1), ad.scaling)
                        for ad, _ in present]  # conv factors as (r, in·k) and (out, r)
@@ -286,8 +298,7 @@ class LoraModel(nn.Module):
                     raise ConfigError(f"'linear' needs every adapter on every layer; {path!r} lacks some")
                 a, b, _ = arithmetic.linear_peft(factors, ws)
             else:  # from the thin factors: no d×k matrix
-                rank = svd_rank or max(ad.rank for ad, _ in present)
-                a, b, _ = arithmetic.weighted_sum(factors, ws, out_scaling=1.0, rank=rank)
+                a, b, _ = arithmetic.weighted_sum(factors, ws, out_scaling=1.0, rank=global_rank)
             a_shape, b_shape = layer.adapter_shapes(a.shape[0])
             factors_by_path[path] = (a.reshape(a_shape), b.reshape(b_shape))  # back to the layer's layout
         ranks = {path: a.shape[0] for path, (a, _) in factors_by_path.items()}
@@ -297,6 +308,7 @@ class LoraModel(nn.Module):
         config = LoraConfig(  # alpha = r everywhere: scaling 1, the weights live in B
             r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
             target_modules=sorted(factors_by_path), lora_dropout=first.lora_dropout, bias=first.bias,
+            use_dora=first.use_dora, use_rslora=False,
             modules_to_save=first.modules_to_save, task_type=first.task_type,
             base_model_name_or_path=first.base_model_name_or_path)
         self.add_adapter(adapter_name, config)
