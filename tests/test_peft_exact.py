@@ -9,7 +9,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from factories import tiny_gpt2, tiny_llama
+from factories import tiny_bert, tiny_gpt2, tiny_llama
 from peft_exact import (
     MLP,
     ConvNet,
@@ -41,6 +41,10 @@ BIAS_CASES = {
     "mlp-all": (MLP, dict(r=4, target_modules=["lin0"], bias="all"), X_MLP),
     "llama-lora_only": (llama_bias, dict(r=4, target_modules=["q_proj", "up_proj"], bias="lora_only"), IDS),
     "llama-all": (llama_bias, dict(r=4, target_modules=["v_proj"], bias="all"), IDS),
+    # modules_to_save too: PEFT also saves the head's copy as modules_to_save.bias and its original
+    "bert-seqcls-all": (tiny_bert, dict(r=4, target_modules=["query"], task_type="SEQ_CLS", bias="all"), IDS),
+    "bert-seqcls-lora_only": (tiny_bert, dict(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                              bias="lora_only"), IDS),
 }
 
 
@@ -326,3 +330,13 @@ def test_linear_combination_with_different_scalings_and_a_negative_weight_matche
     ours.set_adapter("mix")
     ref = run(pm, X_MLP)
     torch.testing.assert_close(run(ours, X_MLP), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_adapters_on_raw_parameters_must_target_the_same_set():
+    lm = lorakit.get_lora_model(GRUTagger(), LoraConfig(r=2, target_parameters=["rnn.weight_ih_l0",
+                                                                                 "rnn.weight_hh_l0"]))
+    with pytest.raises(lorakit.ConfigError, match="same set"):
+        lm.add_adapter("other", LoraConfig(r=2, target_parameters=["rnn.weight_ih_l0"]))
+    lm.add_adapter("same", LoraConfig(r=3, target_parameters=["rnn.weight_hh_l0", "rnn.weight_ih_l0"]))
+    with pytest.raises(lorakit.ConfigError, match="AdaLoRA|ADALORA"):
+        lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_parameters=["rnn.weight_ih_l0"])

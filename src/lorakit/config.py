@@ -125,6 +125,7 @@ class LoraConfig:
         if self.target_parameters:
             special_init = isinstance(init, str) and init not in ("gaussian", "kaiming")
             blocked = [*variants, *(["lora_bias"] if self.lora_bias else []),
+                       *([f"peft_type={self.peft_type_expected()!r}"] if self.peft_type_expected() != "LORA" else []),
                        *([f"init_lora_weights={init!r}"] if special_init else []),
                        *([f"lora_dropout={self.lora_dropout}"] if self.lora_dropout else [])]
             if blocked:
@@ -154,6 +155,8 @@ class LoraConfig:
                 out.pop(name, None)
         out = {**self.extra, **out}
         out["peft_type"] = self.peft_type
+        if out.get("init_lora_weights") == "kaiming":  # lorakit's alias; PEFT knows it as True
+            out["init_lora_weights"] = True
         if isinstance(out["target_modules"], list):
             out["target_modules"] = sorted(out["target_modules"])
         return out

@@ -95,6 +95,7 @@ class LoraModel(nn.Module):
         if not isinstance(config, LoraConfig):
             raise ConfigError(f"config must be a LoraConfig, got {type(config).__name__}")
         config = _with_seq_cls_head(config, self.model)
+        _check_same_target_parameters(config, self.peft_config)
         modules = find_target_modules(self.model, config)
         params = find_target_parameters(self.model, config)
         self.peft_config[adapter_name] = config
@@ -497,6 +498,19 @@ def _config_from_dict(data: dict) -> LoraConfig:
     from lorakit.variants import config_class_for_peft_type
 
     return config_class_for_peft_type(peft_type).from_dict(data)
+
+
+def _check_same_target_parameters(config: LoraConfig, others: dict[str, LoraConfig]) -> None:
+    """PEFT's rule: every adapter with target_parameters targets the same set (the nesting of the
+    parameter wrappers, and so the saved key names, depends on that set)."""
+    if not config.target_parameters:
+        return
+    wanted = set(config.target_parameters)
+    for name, other in others.items():
+        if other.target_parameters and set(other.target_parameters) != wanted:
+            raise ConfigError(f"adapter {name!r} targets the parameters {sorted(other.target_parameters)}, this one "
+                              f"{sorted(wanted)}; adapters with target_parameters must all target the same set "
+                              "(PEFT's rule, which keeps their saved key names valid)")
 
 
 def _find_param_layer(module: nn.Module, param_name: str) -> LoraParameter | None:

@@ -52,7 +52,11 @@ def peft_path(path: str, model: nn.Module) -> str:
         elif isinstance(module, TrainableTokens) and part == "base":
             out.append("token_adapter.base_layer")
         elif isinstance(module, TrainableCopies) and part == "original":
-            pass  # the frozen original's tensors are the base model's: saved under the plain name
+            out.append("original_module")
+        elif isinstance(module, TrainableCopies) and part == "copies":
+            out.append("modules_to_save")  # PEFT drops the adapter name (the next part) from saved keys
+        elif isinstance(module, nn.ModuleDict) and out and out[-1] == "modules_to_save":
+            pass
         else:
             out.append(part)
         module = child if isinstance(child, nn.Module) else None
@@ -80,10 +84,14 @@ def adapter_tensor_refs(model: nn.Module, name: str, bias: str = "none") -> dict
                 refs[_join(stem, key)] = tensor
         elif isinstance(module, TrainableTokens) and module.tied_to is None and name in module.values:
             refs[_join(peft_path(path, model), TOKENS_SUFFIX)] = module.values[name]
-    if bias == "all":  # PEFT's rule: every parameter named `bias` (not bias_ih_l0 & co)
+    if bias == "all":  # PEFT's rule: every parameter named `bias` (not bias_ih_l0 & co), the frozen
+        # originals of modules_to_save included, and this adapter's trained copies a second time
         for key, param in model.named_parameters():
-            if (key == "bias" or key.endswith(".bias")) and ".copies." not in key and ".adapters." not in key:
-                refs.setdefault(PREFIX + peft_path(key, model), param)
+            if not (key == "bias" or key.endswith(".bias")) or ".adapters." in key:
+                continue
+            if ".copies." in key and f".copies.{name}." not in key:
+                continue
+            refs.setdefault(PREFIX + peft_path(key, model), param)
     return refs
 
 
