@@ -340,3 +340,11 @@ def test_adapters_on_raw_parameters_must_target_the_same_set():
     lm.add_adapter("same", LoraConfig(r=3, target_parameters=["rnn.weight_hh_l0", "rnn.weight_ih_l0"]))
     with pytest.raises(lorakit.ConfigError, match="AdaLoRA|ADALORA"):
         lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_parameters=["rnn.weight_ih_l0"])
+
+
+def test_a_module_and_its_own_parameter_both_targeted_is_refused():
+    with pytest.raises(lorakit.ConfigError, match="target_modules and by target_parameters"):
+        lorakit.get_lora_model(MLP(), LoraConfig(r=2, target_modules=["lin1"], target_parameters=["lin1.weight"]))
+    lm = lorakit.get_lora_model(MLP(), LoraConfig(r=2, target_modules=["lin1"]))
+    with pytest.raises(lorakit.TargetModuleError, match="lin1.weight"):
+        lm.add_adapter("p", LoraConfig(r=2, target_parameters=["lin0.weight", "lin1.weight"]))

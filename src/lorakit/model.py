@@ -98,6 +98,11 @@ class LoraModel(nn.Module):
         _check_same_target_parameters(config, self.peft_config)
         modules = find_target_modules(self.model, config)
         params = find_target_parameters(self.model, config)
+        both = sorted({p for p, _ in params} & set(modules))
+        if both:
+            raise ConfigError(f"{both[0]!r} is targeted by target_modules and by target_parameters; PEFT nests a "
+                              "parameter wrapper inside the LoRA layer there, which lorakit does not: target the "
+                              "module or its parameter, not both")
         self.peft_config[adapter_name] = config
         try:
             for path in modules:

@@ -141,6 +141,14 @@ def find_target_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[s
     available: list[str] = []
     for mod_name, module in visible_modules(model):
         if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+            base = module.base
+            while isinstance(base, LoraLayer):
+                base = base.base
+            hit = [n for n, _ in base.named_parameters(recurse=False)
+                   if _name_matches(f"{mod_name}.{n}", config.target_parameters)]
+            if hit:  # silently skipping it would load an adapter without that parameter's update
+                raise TargetModuleError(f"target_parameters names {mod_name}.{hit[0]}, but {mod_name!r} already "
+                                        "carries LoRA through target_modules; target the module or its parameter")
             continue
         for param_name, _ in innermost(module).named_parameters(recurse=False):
             full = f"{mod_name}.{param_name}" if mod_name else param_name
