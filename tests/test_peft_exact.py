@@ -348,3 +348,25 @@ def test_a_module_and_its_own_parameter_both_targeted_is_refused():
     lm = lorakit.get_lora_model(MLP(), LoraConfig(r=2, target_modules=["lin1"]))
     with pytest.raises(lorakit.TargetModuleError, match="lin1.weight"):
         lm.add_adapter("p", LoraConfig(r=2, target_parameters=["lin0.weight", "lin1.weight"]))
+
+
+def test_trainable_tokens_in_a_mixed_batch_match_single_adapter_runs():
+    lm = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 4]),
+                                "a")
+    lm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [4, 7]}))
+    randomize_trainable(lm)
+    lm.eval()
+    ids = torch.tensor([[1, 4, 7, 2], [4, 7, 1, 9], [3, 1, 4, 7]])
+    singles = {}
+    for name in ("a", "b"):
+        lm.set_adapter(name)
+        singles[name] = run(lm, ids)
+    with lm.disable_adapters():
+        base = run(lm, ids)
+    mixed = run(lm, ids, adapter_names=["a", "b", None])
+    torch.testing.assert_close(mixed[0], singles["a"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], singles["b"][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[2], base[2], rtol=1e-5, atol=1e-5)
+    lm.set_adapter(["a", "b"])  # overlapping rows (4) can't be active together, as in PEFT
+    with pytest.raises(ValueError, match="overlap"):
+        run(lm, ids)

@@ -15,6 +15,7 @@ from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, 
 from peft_exact import MLP
 
 import lorakit
+import lorakit.variants
 from lorakit import AdapterLoadError, ConfigError, LoraConfig
 from lorakit.peft_features import UNSUPPORTED_INITS, UNSUPPORTED_KEYS
 from lorakit.train.config import lora_config_from
@@ -138,3 +139,5 @@ def test_lora_bias_needs_plain_lora():
         LoraConfig(target_modules=["lin0"], lora_bias=True, use_dora=True)
     with pytest.raises(ConfigError, match="lora_bias"):
         LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights="pissa")
+    with pytest.raises(ConfigError, match="lora_bias.*ADALORA"):
+        lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"], lora_bias=True)

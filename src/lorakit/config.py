@@ -109,6 +109,8 @@ class LoraConfig:
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
         init = self.init_lora_weights
+        if self.lora_bias and self.peft_type_expected() != "LORA":
+            variants = [*variants, f"peft_type={self.peft_type_expected()!r}"]
         if self.lora_bias and (init not in (True, False) or variants):
             what = f"init_lora_weights={init!r}" if init not in (True, False) else variants[0]
             raise ConfigError(f"lora_bias=True works only with plain LoRA and init_lora_weights=True/False "

@@ -10,6 +10,8 @@ it for Embedding layers and raw parameters, and so does lorakit.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +31,10 @@ class LoraBiasAdapter(LoraAdapter):
                                     f"{type(layer.base).__name__} (PEFT refuses it too); exclude that layer")
         self.lora_b_bias = nn.Parameter(torch.zeros(layer.out_features, dtype=self.lora_b.dtype,
                                                     device=self.lora_b.device))
+        if config.init_lora_weights is False:  # PEFT keeps nn.Linear's own bias init then: U(±1/√r)
+            bound = 1 / math.sqrt(self.rank)
+            with torch.no_grad():
+                self.lora_b_bias.uniform_(-bound, bound)
 
     def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
         return {**layer.peft_keys, "lora_b_bias": "lora_B.bias"}
