@@ -370,3 +370,14 @@ def test_trainable_tokens_in_a_mixed_batch_match_single_adapter_runs():
     lm.set_adapter(["a", "b"])  # overlapping rows (4) can't be active together, as in PEFT
     with pytest.raises(ValueError, match="overlap"):
         run(lm, ids)
+
+
+# ---------------------------------------------------------------------- the standard cases, files compared
+@pytest.mark.parametrize("case", ["llama-all-linear-patterns", "gpt2-conv1d", "bert-seqcls", "llama-embed-layers",
+                                  "bert-regex-save", "qwen2-rslora"])
+def test_standard_cases_resave_to_the_same_files(case, tmp_path):
+    from factories import MODELS
+    from test_peft_parity import CASES
+
+    kind, kwargs = CASES[case]
+    peft_to_lorakit_to_peft(MODELS[kind], kwargs, IDS, tmp_path)
