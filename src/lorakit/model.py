@@ -266,7 +266,8 @@ class LoraModel(nn.Module):
         * ``cat`` (default): exact, ΔW = Σ wᵢ·ΔWᵢ with rank Σ rᵢ;
         * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank of
           any adapter, rank_pattern included, on every layer: PEFT's rule);
-        * ``linear``: PEFT's A = Σ √wᵢ·Aᵢ, B = Σ √wᵢ·sᵢ·Bᵢ (equal ranks; only approximates the sum).
+        * ``linear``: PEFT's A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ, B = Σ √|cᵢ|·Bᵢ with cᵢ = wᵢ·sᵢ (equal ranks;
+          only approximates the sum).
 
         DoRA adapters combine as in PEFT: their low-rank factors are combined as above and the new
         adapter is DoRA again (when the first one is) with its magnitude starting at the base
