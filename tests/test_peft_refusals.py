@@ -141,3 +141,9 @@ def test_lora_bias_needs_plain_lora():
         LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights="pissa")
     with pytest.raises(ConfigError, match="lora_bias.*ADALORA"):
         lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"], lora_bias=True)
+
+
+@pytest.mark.parametrize("bad", [[1, 1], {"embed_tokens": [2, -1]}, "1,2", [1.5]])
+def test_bad_trainable_token_indices_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        LoraConfig(target_modules=["q_proj"], trainable_token_indices=bad)

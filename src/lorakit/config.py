@@ -122,6 +122,8 @@ class LoraConfig:
                                                             for i in v) for v in lists):
                 raise ConfigError("trainable_token_indices must be a list of token ids, or a dict "
                                   f"{{embedding module name: [token ids]}}, got {tokens!r}")
+            if any(len(set(v)) != len(v) for v in lists):  # index_copy with a repeated row is undefined
+                raise ConfigError(f"trainable_token_indices lists a token id twice: {tokens!r}; list each id once")
         if self.target_parameters:
             special_init = isinstance(init, str) and init not in ("gaussian", "kaiming")
             blocked = [*variants, *(["lora_bias"] if self.lora_bias else []),
