@@ -147,3 +147,19 @@ def test_lora_bias_needs_plain_lora():
 def test_bad_trainable_token_indices_are_config_errors(bad):
     with pytest.raises(ConfigError, match="trainable_token_indices"):
         LoraConfig(target_modules=["q_proj"], trainable_token_indices=bad)
+
+
+def test_a_saved_base_embedding_that_differs_is_refused(tmp_path):
+    from factories import tiny_llama
+    from safetensors.torch import load_file, save_file
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    pm.save_pretrained(tmp_path)  # PEFT adds the base embedding (save_embedding_layers)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors
+    lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)  # equal to the model's: fine
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="embed_tokens.base_layer.weight"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)

@@ -19,8 +19,6 @@ ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 # init_lora_weights values lorakit implements (PEFT's others are refused by name in peft_features)
 _INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "orthogonal")
-# inits that read or rewrite the base weight (Linear layers only)
-BASE_WEIGHT_INITS = ("pissa", "olora")
 
 
 @dataclass
@@ -34,11 +32,11 @@ class LoraConfig:
     bias: str = "none"  # which biases train: none, all, lora_only (those of LoRA-wrapped layers)
     modules_to_save: list[str] | None = None  # modules trained in full and saved, e.g. a classifier head
     fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
-    init_lora_weights: bool | str = True  # True: Kaiming A, B=0; "gaussian"; "pissa"/"pissa_niter_K"; "olora"; "orthogonal"; False: B random
+    init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.variants)
     lora_bias: bool = False  # lora_B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full: [ids] or {"embed_tokens": [ids]}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full
     # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):
     use_dylora: bool = False  # DyLoRA: train nested ranks b ≤ r (scaling α/b), usable at any rank after
     shared_a_with: str | None = None  # reuse that adapter's A on every layer; this adapter trains its own B

@@ -126,7 +126,9 @@ def _drop_unchanged_base_tensors(model: nn.Module, given: dict[str, torch.Tensor
         ref = base.get(key)
         if ref is None:
             left.append(key)
-        elif tuple(ref.shape) != tuple(given[key].shape) or not torch.equal(ref.detach(), given[key].to(device=ref.device, dtype=ref.dtype)):
+            continue
+        value = given[key]
+        if tuple(ref.shape) != tuple(value.shape) or not torch.equal(ref.detach(), value.to(ref.device, ref.dtype)):
             raise AdapterLoadError(
                 f"the adapter file carries the base-model tensor {key!r} with values that differ from this model's "
                 "(PEFT's save_embedding_layers, e.g. after resizing the vocabulary); lorakit never overwrites "
