@@ -381,3 +381,24 @@ def test_standard_cases_resave_to_the_same_files(case, tmp_path):
 
     kind, kwargs = CASES[case]
     peft_to_lorakit_to_peft(MODELS[kind], kwargs, IDS, tmp_path)
+
+
+def test_two_token_adapters_on_a_tied_model_match_peft(tmp_path):
+    make = lambda: tiny_llama(tie_word_embeddings=True)  # noqa: E731
+    pm = peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+                             adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[5, 6]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in sorted(pm.named_parameters()):
+            if "lora_" in _ or "trainable_tokens_delta" in _:
+                p.copy_(torch.randn(p.shape, generator=g))
+    pm.eval().requires_grad_(False)
+    pm.save_pretrained(tmp_path)
+    ours = lorakit.LoraModel.from_pretrained(make(), tmp_path / "a" if (tmp_path / "a").is_dir() else tmp_path, "a")
+    ours.load_adapter(tmp_path / "b", "b")
+    assert sum(type(m).__name__ == "TrainableTokens" for m in ours.modules()) == 2  # embedding + tied head
+    for name in ("a", "b"):
+        pm.set_adapter(name)
+        ours.set_adapter(name)
+        assert torch.equal(run(ours, IDS), run(pm, IDS))

@@ -35,7 +35,7 @@ from lorakit.targeting import (
     named_wrappers,
     visible_modules,
 )
-from lorakit.trainable_tokens import TrainableTokens, token_targets
+from lorakit.trainable_tokens import TrainableTokens, add_trainable_tokens
 from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
@@ -143,21 +143,7 @@ class LoraModel(nn.Module):
 
     def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
         """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
-        get_out = getattr(self.model, "get_output_embeddings", None)
-        out = get_out() if callable(get_out) else None
-        for path, ids in token_targets(self.model, config.trainable_token_indices, visible_modules(self.model)):
-            module = self.model.get_submodule(path)
-            if isinstance(module, LoraLayer):
-                raise ConfigError(f"{path!r} is targeted by LoRA and by trainable_token_indices; PEFT can't "
-                                  "combine them on one layer either: drop it from target_modules")
-            if not isinstance(module, TrainableTokens):
-                module = TrainableTokens(module)
-                self._replace(path, module)
-            module.add_adapter(name, ids)
-            out_now = get_out() if callable(get_out) else None
-            if out is not None and getattr(out, "weight", None) is module.base.weight and out_now is out:
-                out_path = next(p for p, m in visible_modules(self.model) if m is out)
-                self._replace(out_path, TrainableTokens(out, tied_to=module))
+        add_trainable_tokens(self.model, name, config.trainable_token_indices, self._replace)
 
     def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
         module = self.model.get_submodule(path) if path else self.model

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.layers import LoraLayer
 
 SUFFIX = "token_adapter.trainable_tokens_delta"
 
@@ -156,6 +157,29 @@ class TrainableTokens(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, tied={self.tied_to is not None}"
+
+
+def add_trainable_tokens(model: nn.Module, name: str, spec, replace) -> None:
+    """Wrap the embedding(s) `spec` names and give adapter `name` its rows; `replace(path, module)`
+    swaps a module in. A tied output layer (same weight tensor) gets a wrapper that follows them."""
+    from lorakit.targeting import visible_modules  # targeting imports this module
+
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for path, ids in token_targets(model, spec, visible_modules(model)):
+        module = model.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            raise ConfigError(f"{path!r} is targeted by LoRA and by trainable_token_indices; PEFT can't "
+                              "combine them on one layer either: drop it from target_modules")
+        if not isinstance(module, TrainableTokens):
+            module = TrainableTokens(module)
+            replace(path, module)
+        module.add_adapter(name, ids)
+        out_now = get_out() if callable(get_out) else None
+        tied = not isinstance(out, TrainableTokens) and getattr(out, "weight", None) is module.base.weight
+        if out is not None and tied and out_now is out:
+            out_path = next(p for p, m in visible_modules(model) if m is out)
+            replace(out_path, TrainableTokens(out, tied_to=module))
 
 
 def token_targets(model: nn.Module, spec, visible) -> list[tuple[str, list[int]]]:
