@@ -258,18 +258,20 @@ def test_dora_linear_bit_identical_both_ways(case, tmp_path):
     lorakit_to_peft(make, kwargs, x, tmp_path / "2")
 
 
-def test_dora_linear_training_forward_with_dropout_matches_peft(tmp_path):
-    kwargs = dict(r=4, lora_alpha=8, target_modules=["lin0", "lin1"], use_dora=True, lora_dropout=0.3)
-    pm = peft.get_peft_model(MLP(), peft.LoraConfig(**kwargs))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_training_forward_with_dropout_matches_peft(kind, tmp_path):
+    make, x, targets = (MLP, X_MLP, ["lin0", "lin1"]) if kind == "linear" else (ConvNet, X_IMG, ["conv"])
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=0.3)
+    pm = peft.get_peft_model(make(), peft.LoraConfig(**kwargs))
     randomize_trainable(pm)
     pm.save_pretrained(tmp_path)
-    ours = lorakit.LoraModel.from_pretrained(MLP(), tmp_path, is_trainable=True)
+    ours = lorakit.LoraModel.from_pretrained(make(), tmp_path, is_trainable=True)
     pm.train()
     ours.train()
     torch.manual_seed(5)
-    ref = pm(X_MLP)
+    ref = pm(x)
     torch.manual_seed(5)
-    assert torch.equal(ours(X_MLP), ref)  # same dropout draws, same W0·x without the bias
+    assert torch.equal(ours(x), ref)  # same dropout draws, same W0·x without the bias
 
 
 # ---------------------------------------------------------------------- add_weighted_adapter

@@ -127,9 +127,9 @@ class DoraAdapter(LoraAdapter):
         bias = getattr(layer.base, "bias", None)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             x_lora, base_out = x, result
-        else:  # the dropped-out input goes through W0 as well (PEFT does the same)
+        else:  # PEFT: the dropped-out input through W0 alone, no bias (LoraConv is the only kind left here)
             x_lora = self.dropout(x)
-            base_out = layer.base(x_lora)
+            base_out, bias = layer.base._conv_forward(x_lora, weight, None), None
         if bias is not None:  # W0·x without the bias: (N, out, *S) for Conv, (..., out) otherwise
             shape = (-1, *([1] * (base_out.dim() - 2))) if isinstance(layer, LoraConv) else (-1,)
             base_out = base_out - bias.view(shape)
