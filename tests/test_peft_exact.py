@@ -67,6 +67,8 @@ PARAM_CASES = {
     "gru-one-param": (GRUTagger, dict(r=3, lora_alpha=6, target_parameters=["rnn.weight_hh_l0"]), X_SEQ),
     "mlp-linear-weight": (MLP, dict(r=2, target_modules=["lin0"], target_parameters=["lin1.weight"]), X_MLP),
     "mlp-weight-bias-all": (MLP, dict(r=2, target_parameters=["lin1.weight"], bias="all"), X_MLP),
+    "mlp-weight-bias-lora_only": (MLP, dict(r=2, target_modules=["lin0"], target_parameters=["lin1.weight"],
+                                            bias="lora_only"), X_MLP),
 }
 
 
