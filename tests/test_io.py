@@ -134,15 +134,17 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch, inpu
     lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)(input_ids)
 
 
-def test_unknown_peft_keys_warn_and_load(tmp_path):
+def test_unknown_peft_keys_are_kept_and_a_missing_lora_bias_is_refused(tmp_path):
     _saved(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg["some_future_option"] = 3
-    cfg["lora_bias"] = True
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning, match="lora_bias"):
-        lm = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    lm = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
     assert lm.peft_config["default"].extra["some_future_option"] == 3
+    cfg["lora_bias"] = True  # says lora_B has a bias, but the file carries none: refused, not zero-filled
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterLoadError, match="lora_B.bias"):
+        lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):

@@ -213,7 +213,8 @@ def dare_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], density
 
 
 def linear_peft(factors: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
-    """PEFT's "linear" combination: A = Σ √|wᵢ|·Aᵢ, B = Σ sign(wᵢ)·√|wᵢ|·sᵢ·Bᵢ, scaling 1.
+    """PEFT's "linear" combination, scaling 1: with cᵢ = wᵢ·sᵢ,
+    A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ and B = Σ √|cᵢ|·Bᵢ (PEFT 0.21's _generalized_task_arithmetic).
 
     Needs equal ranks, and is not Σ wᵢ·ΔWᵢ in general (cross terms); kept for PEFT users who
     rely on it. `weighted_sum` is the exact alternative.
@@ -221,8 +222,7 @@ def linear_peft(factors: Sequence[LoraFactors], weights: Sequence[float]) -> Lor
     ranks = {f.lora_a.shape[0] for f in factors}
     if len(ranks) != 1:
         raise ValueError(f"the 'linear' combination needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
-    roots = [abs(w) ** 0.5 for w in weights]
-    lora_a = sum(r * f.lora_a.double() for f, r in zip(factors, roots))
-    lora_b = sum((1.0 if w >= 0 else -1.0) * r * f.scaling * f.lora_b.double()
-                 for f, r, w in zip(factors, roots, weights))
+    coefs = [w * f.scaling for f, w in zip(factors, weights)]
+    lora_a = sum((1.0 if c >= 0 else -1.0) * abs(c) ** 0.5 * f.lora_a.double() for f, c in zip(factors, coefs))
+    lora_b = sum(abs(c) ** 0.5 * f.lora_b.double() for f, c in zip(factors, coefs))
     return LoraFactors(lora_a, lora_b, 1.0)

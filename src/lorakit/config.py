@@ -9,16 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
+from lorakit.peft_features import check_peft_features
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-# names PEFT accepts for init_lora_weights that mean "A random, B zero"
-_INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "pissa_niter", "olora", "loftq", "eva", "orthogonal")
+# init_lora_weights values lorakit implements (PEFT's others are refused by name in peft_features)
+_INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "orthogonal")
 
 
 class _KnownKeywords(type):
@@ -29,6 +29,7 @@ class _KnownKeywords(type):
     """
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_peft_features(kwargs)  # a PEFT-only feature is refused by name before "unknown keyword"
         fields = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
         unknown = [k for k in kwargs if k not in fields]
         if fields and unknown:
@@ -49,9 +50,11 @@ class LoraConfig(metaclass=_KnownKeywords):
     bias: str = "none"  # which biases train: none, all, lora_only (those of LoRA-wrapped layers)
     modules_to_save: list[str] | None = None  # modules trained in full and saved, e.g. a classifier head
     fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
-    init_lora_weights: bool | str = True  # True: Kaiming-uniform A; "gaussian": N(0, 1/r); False: B random too
+    init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.variants)
+    lora_bias: bool = False  # lora_B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full
     # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):
     use_dylora: bool = False  # DyLoRA: train nested ranks b ≤ r (scaling α/b), usable at any rank after
     shared_a_with: str | None = None  # reuse that adapter's A on every layer; this adapter trains its own B
@@ -88,6 +91,7 @@ class LoraConfig(metaclass=_KnownKeywords):
         if self.init_lora_weights not in _INIT_MODES and not pissa_niter:
             raise ConfigError(f"init_lora_weights must be one of {_INIT_MODES} or 'pissa_niter_<K>', "
                               f"got {self.init_lora_weights!r}")
+        check_peft_features({"init_lora_weights": self.init_lora_weights})
         if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
                 "target_modules is required: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']), "
@@ -109,6 +113,38 @@ class LoraConfig(metaclass=_KnownKeywords):
         chosen = [n for n in ("use_dora", "use_dylora", "shared_a_with") if getattr(self, n)]
         if len(chosen) > 1:
             raise ConfigError(f"{' and '.join(chosen)} can't be combined; pick one variant per adapter")
+        self._validate_peft_extras(chosen)
+
+    def _validate_peft_extras(self, variants: list[str]) -> None:
+        """lora_bias, trainable tokens, target_parameters: PEFT's own restrictions, as ConfigErrors."""
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        init = self.init_lora_weights
+        if self.lora_bias and self.peft_type_expected() != "LORA":
+            variants = [*variants, f"peft_type={self.peft_type_expected()!r}"]
+        if self.lora_bias and (init not in (True, False) or variants):
+            what = f"init_lora_weights={init!r}" if init not in (True, False) else variants[0]
+            raise ConfigError(f"lora_bias=True works only with plain LoRA and init_lora_weights=True/False "
+                              f"(as in PEFT), not with {what}; drop one of them")
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            lists = tokens.values() if isinstance(tokens, dict) else [tokens]
+            if not all(isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                            for i in v) for v in lists):
+                raise ConfigError("trainable_token_indices must be a list of token ids, or a dict "
+                                  f"{{embedding module name: [token ids]}}, got {tokens!r}")
+            if any(len(set(v)) != len(v) for v in lists):  # index_copy with a repeated row is undefined
+                raise ConfigError(f"trainable_token_indices lists a token id twice: {tokens!r}; list each id once")
+        if self.target_parameters:
+            special_init = isinstance(init, str) and init not in ("gaussian", "kaiming")
+            blocked = [*variants, *(["lora_bias"] if self.lora_bias else []),
+                       *([f"peft_type={self.peft_type_expected()!r}"] if self.peft_type_expected() != "LORA" else []),
+                       *([f"init_lora_weights={init!r}"] if special_init else []),
+                       *([f"lora_dropout={self.lora_dropout}"] if self.lora_dropout else [])]
+            if blocked:
+                raise ConfigError(f"target_parameters (LoRA on raw weights) can't be combined with {blocked[0]}: "
+                                  "it would act on those weights as plain LoRA (PEFT refuses it too). Use a "
+                                  "separate adapter for the raw parameters, or target their modules instead")
 
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
@@ -132,6 +168,8 @@ class LoraConfig(metaclass=_KnownKeywords):
                 out.pop(name, None)
         out = {**self.extra, **out}
         out["peft_type"] = self.peft_type
+        if out.get("init_lora_weights") == "kaiming":  # lorakit's alias; PEFT knows it as True
+            out["init_lora_weights"] = True
         if isinstance(out["target_modules"], list):
             out["target_modules"] = sorted(out["target_modules"])
         return out
@@ -141,23 +179,13 @@ class LoraConfig(metaclass=_KnownKeywords):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        check_peft_features(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         peft_type = str(kwargs.get("peft_type", "LORA")).upper()
         if peft_type != cls.peft_type_expected():
             raise ConfigError(f"adapter config has peft_type {peft_type!r}; {cls.__name__} reads 'LORA'")
-        # PEFT keys we accept but don't act on: warn only for those that change the math
-        ignored = {
-            k
-            for k, v in extra.items()
-            if k in _MATH_KEYS and v not in (None, False, [], {}, "", _MATH_KEYS[k])
-        }
-        if ignored:
-            warnings.warn(
-                f"adapter config sets {sorted(ignored)}, which lorakit does not implement; they are ignored",
-                stacklevel=2,
-            )
         if isinstance(kwargs.get("target_modules"), list | set | tuple):
             kwargs["target_modules"] = sorted(kwargs["target_modules"])
         return cls(**kwargs, extra=extra)
@@ -171,21 +199,6 @@ class LoraConfig(metaclass=_KnownKeywords):
 
 
 _LORAKIT_ONLY = ("use_dylora", "shared_a_with")
-
-# PEFT LoRA keys that alter the computation if set to a non-default value
-_MATH_KEYS: dict[str, Any] = {
-    "use_qalora": False,
-    "lora_bias": False,
-    "trainable_token_indices": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    "layer_replication": None,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "megatron_config": None,
-}
-
 
 def _check_regex(what: str, pattern: str) -> None:
     try:

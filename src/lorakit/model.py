@@ -35,7 +35,8 @@ from lorakit.targeting import (
     named_wrappers,
     visible_modules,
 )
-from lorakit.variants import adapter_class, prepare_load, setup_adapter
+from lorakit.trainable_tokens import TrainableTokens, add_trainable_tokens
+from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -77,7 +78,7 @@ class LoraModel(nn.Module):
     def lora_layers(self) -> Iterator[LoraLayer]:
         yield from (m for m in iter_wrappers(self.model) if isinstance(m, LoraLayer))
 
-    def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies]:
+    def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies | TrainableTokens]:
         yield from iter_wrappers(self.model)
 
     def _replace(self, path: str, new: nn.Module) -> None:
@@ -94,8 +95,14 @@ class LoraModel(nn.Module):
         if not isinstance(config, LoraConfig):
             raise ConfigError(f"config must be a LoraConfig, got {type(config).__name__}")
         config = _with_seq_cls_head(config, self.model)
+        _check_same_target_parameters(config, self.peft_config)
         modules = find_target_modules(self.model, config)
         params = find_target_parameters(self.model, config)
+        both = sorted({p for p, _ in params} & set(modules))
+        if both:
+            raise ConfigError(f"{both[0]!r} is targeted by target_modules and by target_parameters; PEFT nests a "
+                              "parameter wrapper inside the LoRA layer there, which lorakit does not: target the "
+                              "module or its parameter, not both")
         self.peft_config[adapter_name] = config
         try:
             for path in modules:
@@ -108,6 +115,8 @@ class LoraModel(nn.Module):
                     module = TrainableCopies(module)
                     self._replace(path, module)
                 module.add_adapter(adapter_name)
+            if config.trainable_token_indices is not None:
+                self._add_trainable_tokens(adapter_name, config)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -131,6 +140,10 @@ class LoraModel(nn.Module):
         adapter = layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path),
                                     config.lora_dropout, config.init_lora_weights, adapter_class(config, layer))
         setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+
+    def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
+        """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
+        add_trainable_tokens(self.model, name, config.trainable_token_indices, self._replace)
 
     def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
         module = self.model.get_submodule(path) if path else self.model
@@ -164,6 +177,8 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
             elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
                 module.delete_adapter(adapter_name)
+            elif isinstance(module, TrainableTokens) and module.tied_to is None and adapter_name in module.values:
+                module.delete_adapter(adapter_name)
         self._unwrap_empty()
         del self.peft_config[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -177,8 +192,9 @@ class LoraModel(nn.Module):
             for path, module in list(named_wrappers(self.model)):
                 empty_lora = isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
                 empty_copies = isinstance(module, TrainableCopies) and not module.copies
-                if empty_lora or empty_copies:
-                    self._replace(path, module.base if empty_lora else module.original)
+                empty_tokens = isinstance(module, TrainableTokens) and not module.adapter_names
+                if empty_lora or empty_copies or empty_tokens:
+                    self._replace(path, module.original if empty_copies else module.base)
                     changed = True
                     break
 
@@ -205,6 +221,12 @@ class LoraModel(nn.Module):
         """
         trainable = {n for n in self.active_adapters if not self.peft_config[n].inference_mode}
         for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                if module.tied_to is None:
+                    for name, values in module.values.items():
+                        if only is None or name == only:
+                            values.requires_grad_(name in trainable)
+                continue
             groups = module.adapters if isinstance(module, LoraLayer) else module.copies
             items = [(only, groups[only])] if only is not None and only in groups else (
                 [] if only is not None else groups.items())
@@ -215,7 +237,7 @@ class LoraModel(nn.Module):
             bias = self.peft_config[name].bias
             if bias == "all":
                 for key, p in self.model.named_parameters():
-                    if key.endswith("bias") and ".adapters." not in key:
+                    if (key == "bias" or key.endswith(".bias")) and ".adapters." not in key:  # PEFT's rule
                         p.requires_grad_(True)
             elif bias == "lora_only":
                 for layer in self.lora_layers():
@@ -228,8 +250,14 @@ class LoraModel(nn.Module):
         """Create `adapter_name` from a weighted combination of existing adapters.
 
         * ``cat`` (default): exact, ΔW = Σ wᵢ·ΔWᵢ with rank Σ rᵢ;
-        * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank);
-        * ``linear``: PEFT's A = Σ √wᵢ·Aᵢ, B = Σ √wᵢ·sᵢ·Bᵢ (equal ranks; only approximates the sum).
+        * ``svd``: the best rank-`svd_rank` approximation of Σ wᵢ·ΔWᵢ (default: the largest rank of
+          any adapter, rank_pattern included, on every layer: PEFT's rule);
+        * ``linear``: PEFT's A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ, B = Σ √|cᵢ|·Bᵢ with cᵢ = wᵢ·sᵢ (equal ranks;
+          only approximates the sum).
+
+        DoRA adapters combine as in PEFT: their low-rank factors are combined as above and the new
+        adapter is DoRA again (when the first one is) with its magnitude starting at the base
+        weight's norms, exactly what PEFT's add_weighted_adapter produces.
         """
         if len(adapters) != len(weights) or not adapters:
             raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -238,13 +266,20 @@ class LoraModel(nn.Module):
             raise AdapterError(f"no adapter named {unknown}; adapters: {sorted(self.peft_config)}")
         if combination_type not in ("cat", "svd", "linear"):
             raise ConfigError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}")
+        configs = [self.peft_config[n] for n in adapters]
+        global_rank = svd_rank or max(max([c.r, *map(int, c.rank_pattern.values())]) for c in configs)
         factors_by_path = {}
         for path, layer in named_wrappers(self.model):
             if not isinstance(layer, LoraLayer) or not any(n in layer.adapters for n in adapters):
                 continue
-            if isinstance(layer, LoraParameter) or any(
-                    layer.adapters[n].custom_math for n in adapters if n in layer.adapters):
-                raise ConfigError(f"layer {path!r}: weighted combination supports plain LoRA layers only")
+            if isinstance(layer, LoraParameter):
+                raise ConfigError(f"layer {path!r}: weighted combination does not support target_parameters "
+                                  "(PEFT refuses it too)")
+            odd = [n for n in adapters if n in layer.adapters and layer.adapters[n].custom_math
+                   and not isinstance(layer.adapters[n], DoraAdapter)]
+            if odd:
+                raise ConfigError(f"layer {path!r}: adapter {odd[0]!r} is a {type(layer.adapters[odd[0]]).__name__}; "
+                                  "weighted combination supports plain LoRA and DoRA adapters only")
             present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
             factors = [arithmetic.LoraFactors(ad.lora_a.flatten(1), ad.lora_b.flatten(1), ad.scaling)
                        for ad, _ in present]  # conv factors as (r, in·k) and (out, r)
@@ -256,8 +291,7 @@ class LoraModel(nn.Module):
                     raise ConfigError(f"'linear' needs every adapter on every layer; {path!r} lacks some")
                 a, b, _ = arithmetic.linear_peft(factors, ws)
             else:  # from the thin factors: no d×k matrix
-                rank = svd_rank or max(ad.rank for ad, _ in present)
-                a, b, _ = arithmetic.weighted_sum(factors, ws, out_scaling=1.0, rank=rank)
+                a, b, _ = arithmetic.weighted_sum(factors, ws, out_scaling=1.0, rank=global_rank)
             a_shape, b_shape = layer.adapter_shapes(a.shape[0])
             factors_by_path[path] = (a.reshape(a_shape), b.reshape(b_shape))  # back to the layer's layout
         ranks = {path: a.shape[0] for path, (a, _) in factors_by_path.items()}
@@ -267,6 +301,7 @@ class LoraModel(nn.Module):
         config = LoraConfig(  # alpha = r everywhere: scaling 1, the weights live in B
             r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),
             target_modules=sorted(factors_by_path), lora_dropout=first.lora_dropout, bias=first.bias,
+            use_dora=first.use_dora, use_rslora=False,
             modules_to_save=first.modules_to_save, task_type=first.task_type,
             base_model_name_or_path=first.base_model_name_or_path)
         self.add_adapter(adapter_name, config)
@@ -310,10 +345,16 @@ class LoraModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         for layer in self.lora_layers():
             layer.merge(names, safe=safe_merge)
+        for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                module.merge(names)
 
     def unmerge_adapter(self) -> None:
         for layer in self.lora_layers():
             layer.unmerge()
+        for module in self._wrappers():
+            if isinstance(module, TrainableTokens):
+                module.unmerge()
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
         """Merge, then return the plain base model (its own class, no LoRA modules left)."""
@@ -323,7 +364,7 @@ class LoraModel(nn.Module):
     def unload(self, _merged: bool = False) -> nn.Module:
         """Remove every LoRA module and return the base model (merged weights stay merged)."""
         for path, module in sorted(named_wrappers(self.model), key=lambda kv: -kv[0].count(".")):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, (LoraLayer, TrainableTokens)):
                 self._replace(path, module.base)
             elif isinstance(module, TrainableCopies):
                 self._replace(path, module.active_copy() if _merged else module.original)
@@ -449,6 +490,19 @@ def _config_from_dict(data: dict) -> LoraConfig:
     from lorakit.variants import config_class_for_peft_type
 
     return config_class_for_peft_type(peft_type).from_dict(data)
+
+
+def _check_same_target_parameters(config: LoraConfig, others: dict[str, LoraConfig]) -> None:
+    """PEFT's rule: every adapter with target_parameters targets the same set (the nesting of the
+    parameter wrappers, and so the saved key names, depends on that set)."""
+    if not config.target_parameters:
+        return
+    wanted = set(config.target_parameters)
+    for name, other in others.items():
+        if other.target_parameters and set(other.target_parameters) != wanted:
+            raise ConfigError(f"adapter {name!r} targets the parameters {sorted(other.target_parameters)}, this one "
+                              f"{sorted(wanted)}; adapters with target_parameters must all target the same set "
+                              "(PEFT's rule, which keeps their saved key names valid)")
 
 
 def _find_param_layer(module: nn.Module, param_name: str) -> LoraParameter | None:

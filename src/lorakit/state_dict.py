@@ -1,13 +1,17 @@
 """Map one adapter's tensors to and from PEFT's key names.
 
-PEFT key = ``base_model.model.`` + module path in the base model + a suffix that depends on the
-layer kind (``lora_A.weight`` for Linear/Conv, ``lora_embedding_A`` for Embedding, variants add
-their own such as ``lora_magnitude_vector``). The adapter name is never part of the key.
+PEFT key = ``base_model.model.`` + the module's path *in PEFT's wrapped model* + a suffix that
+depends on the layer kind (``lora_A.weight`` for Linear/Conv, ``lora_embedding_A`` for Embedding,
+variants add their own such as ``lora_magnitude_vector``). The adapter name is never part of the
+key. PEFT's wrapped model names a wrapper's inner module ``base_layer`` (lorakit: ``base``), so
+
+* a wrapped layer's bias (``bias="lora_only"``/``"all"``) is ``<path>.base_layer.bias``;
+* raw-parameter LoRA (``target_parameters``) nests one wrapper per parameter, the first one
+  registered innermost: ``rnn.lora_A.weight`` (outer) and ``rnn.base_layer.lora_A.weight``;
+* trainable tokens are ``<embedding>.token_adapter.trainable_tokens_delta``.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
@@ -17,6 +21,8 @@ from lorakit.layers import LoraLayer
 from lorakit.layers.param import LoraParameter
 from lorakit.modules_to_save import TrainableCopies
 from lorakit.targeting import named_wrappers
+from lorakit.trainable_tokens import SUFFIX as TOKENS_SUFFIX
+from lorakit.trainable_tokens import TrainableTokens
 
 PREFIX = "base_model.model."
 
@@ -34,43 +40,106 @@ def original_path(path: str, model: nn.Module) -> str:
     return ".".join(out)
 
 
+def peft_path(path: str, model: nn.Module) -> str:
+    """A lorakit module (or parameter) path spelled as in PEFT's wrapped model."""
+    parts = path.split(".") if path else []
+    out: list[str] = []
+    module: nn.Module | None = model
+    for part in parts:
+        child = getattr(module, part, None) if module is not None else None
+        if isinstance(module, LoraLayer) and part == "base":
+            out.append("base_layer")
+        elif isinstance(module, TrainableTokens) and part == "base":
+            out.append("token_adapter.base_layer")
+        elif isinstance(module, TrainableCopies) and part == "original":
+            out.append("original_module")
+        elif isinstance(module, TrainableCopies) and part == "copies":
+            out.append("modules_to_save")  # PEFT drops the adapter name (the next part) from saved keys
+        elif isinstance(module, nn.ModuleDict) and out and out[-1] == "modules_to_save":
+            pass
+        else:
+            out.append(part)
+        module = child if isinstance(child, nn.Module) else None
+    return ".".join(out)
+
+
+def _join(stem: str, suffix: str) -> str:
+    return f"{PREFIX}{stem}.{suffix}" if stem else f"{PREFIX}{suffix}"
+
+
 def adapter_tensor_refs(model: nn.Module, name: str, bias: str = "none") -> dict[str, torch.Tensor]:
     """PEFT key -> the live parameter, for every tensor that belongs to adapter `name`."""
     refs: dict[str, torch.Tensor] = {}
     for path, module in named_wrappers(model):
         if isinstance(module, LoraLayer) and name in module.adapters:
             adapter = module.adapters[name]
-            stem = original_path(path, model)
-            if isinstance(module, LoraParameter):
-                stem = f"{stem}.{module.param_name}"
+            stem = peft_path(path, model)
             for attr, suffix in adapter.peft_keys(module).items():
-                refs[f"{PREFIX}{stem}.{suffix}"] = getattr(adapter, attr)
-            if bias == "lora_only" and getattr(module.base, "bias", None) is not None:
-                refs[f"{PREFIX}{stem}.bias"] = module.base.bias
+                refs[_join(stem, suffix)] = getattr(adapter, attr)
+            if bias == "lora_only" and isinstance(module.base._parameters.get("bias"), torch.Tensor):
+                refs[_join(stem, "base_layer.bias")] = module.base.bias
         elif isinstance(module, TrainableCopies) and name in module.copies:
             stem = original_path(path, model)
             for key, tensor in module.copies[name].state_dict(keep_vars=True).items():
-                refs[f"{PREFIX}{stem}.{key}"] = tensor
-    if bias == "all":
+                refs[_join(stem, key)] = tensor
+        elif isinstance(module, TrainableTokens) and module.tied_to is None and name in module.values:
+            refs[_join(peft_path(path, model), TOKENS_SUFFIX)] = module.values[name]
+    if bias == "all":  # PEFT's rule: every parameter named `bias` (not bias_ih_l0 & co), the frozen
+        # originals of modules_to_save included, and this adapter's trained copies a second time
         for key, param in model.named_parameters():
-            if key.endswith("bias") and ".copies." not in key and ".adapters." not in key:
-                refs.setdefault(PREFIX + _strip_wrappers(key), param)
+            if not (key == "bias" or key.endswith(".bias")) or ".adapters." in key:
+                continue
+            if ".copies." in key and f".copies.{name}." not in key:
+                continue
+            refs.setdefault(PREFIX + peft_path(key, model), param)
     return refs
 
 
-def _strip_wrappers(key: str) -> str:
-    return key.replace(".base.", ".").replace(".original.", ".")
+def legacy_keys(model: nn.Module, name: str) -> dict[str, str]:
+    """Keys lorakit < 0.2 wrote for raw-parameter LoRA (``rnn.weight_ih_l0.lora_A.weight``) -> today's key."""
+    out: dict[str, str] = {}
+    for path, module in named_wrappers(model):
+        if isinstance(module, LoraParameter) and name in module.adapters:
+            old = f"{original_path(path, model)}.{module.param_name}"
+            new = peft_path(path, model)
+            for suffix in module.adapters[name].peft_keys(module).values():
+                out[_join(old, suffix)] = _join(new, suffix)
+    return out
 
 
 def get_adapter_state_dict(model: nn.Module, name: str, bias: str = "none") -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in adapter_tensor_refs(model, name, bias).items()}
 
 
+def _drop_unchanged_base_tensors(model: nn.Module, given: dict[str, torch.Tensor], keys: list[str]) -> list[str]:
+    """Base-model tensors a PEFT file may carry (``save_embedding_layers``): fine when equal to the model's.
+
+    A different value would overwrite the base model in PEFT; lorakit refuses that rather than
+    load the adapter into other outputs.
+    """
+    if not keys:
+        return keys
+    base = {PREFIX + peft_path(name, model): t for name, t in
+            [*model.named_parameters(), *model.named_buffers()] if ".adapters." not in name}
+    left = []
+    for key in keys:
+        ref = base.get(key)
+        if ref is None:
+            left.append(key)
+            continue
+        value = given[key]
+        if tuple(ref.shape) != tuple(value.shape) or not torch.equal(ref.detach(), value.to(ref.device, ref.dtype)):
+            raise AdapterLoadError(
+                f"the adapter file carries the base-model tensor {key!r} with values that differ from this model's "
+                "(PEFT's save_embedding_layers, e.g. after resizing the vocabulary); lorakit never overwrites "
+                "base weights from an adapter: load the matching base model (with that embedding) first"
+            )
+    return left
+
+
 def _normalise_key(key: str) -> str:
-    """Accept PEFT's spellings that differ from ours: `.base_layer.` hops, a missing prefix."""
-    if not key.startswith(PREFIX):
-        key = PREFIX + key
-    return key.replace(".base_layer.", ".")
+    """PEFT files always carry the ``base_model.model.`` prefix; accept files without it."""
+    return key if key.startswith(PREFIX) else PREFIX + key
 
 
 @torch.no_grad()
@@ -79,7 +148,13 @@ def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
     """Copy `tensors` into adapter `name`; every check happens before the first copy."""
     refs = adapter_tensor_refs(model, name, bias)
     given = {_normalise_key(k): v for k, v in tensors.items()}
-    missing = [k for k in refs if k not in given and not (k.endswith(".bias") and bias != "none")]
+    for old, new in legacy_keys(model, name).items():
+        if old in given and new not in given:
+            given[new] = given.pop(old)
+    optional = set()
+    if bias != "none":  # a bias the file doesn't carry keeps the base model's value (PEFT's behaviour)
+        optional = {k for k in refs if k.endswith(".bias") and ".lora_B." not in k}
+    missing = [k for k in refs if k not in given and k not in optional]
     if missing:
         raise AdapterLoadError(
             f"the adapter file lacks {len(missing)} tensor(s) this model needs, e.g. {missing[:3]}; "
@@ -91,12 +166,12 @@ def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
                 f"tensor {key!r} has shape {tuple(given[key].shape)} in the adapter file but "
                 f"{tuple(ref.shape)} in this model; the adapter does not fit this base model"
             )
-    unexpected = sorted(set(given) - set(refs))
+    unexpected = _drop_unchanged_base_tensors(model, given, sorted(set(given) - set(refs)))
     if unexpected:
-        warnings.warn(
-            f"ignoring {len(unexpected)} tensor(s) of the adapter file that this model has no place for, "
-            f"e.g. {unexpected[:3]}",
-            stacklevel=3,
+        raise AdapterLoadError(
+            f"the adapter file has {len(unexpected)} tensor(s) this model has no place for, e.g. {unexpected[:3]}: "
+            "loading without them would change the outputs. The folder was written for another base model, "
+            "or with a PEFT feature lorakit does not implement (see docs/DESIGN.md, 'PEFT features')"
         )
     for key, ref in refs.items():
         if key in given:

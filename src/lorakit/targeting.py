@@ -21,6 +21,7 @@ from lorakit.errors import TargetModuleError
 from lorakit.layers import LoraLayer, LoraLinear, is_linear_like, wrap_module
 from lorakit.layers.param import LoraParameter, innermost
 from lorakit.modules_to_save import TrainableCopies
+from lorakit.trainable_tokens import TrainableTokens
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -32,24 +33,27 @@ def visible_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
     which keeps loading the 50th adapter as fast as the first.
     """
     yield prefix, model
-    if isinstance(model, (LoraLayer, TrainableCopies)):
+    if isinstance(model, (LoraLayer, TrainableCopies, TrainableTokens)):
         return
     for name, child in model._modules.items():
         if child is not None:
             yield from visible_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
-def named_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | TrainableCopies]]:
-    """(path, wrapper) for every LoRA layer and trainable-copies wrapper, nested ones included."""
+Wrapper = LoraLayer | TrainableCopies | TrainableTokens
+
+
+def named_wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """(path, wrapper) for every LoRA layer, trainable-copies and trainable-tokens wrapper, nested ones included."""
     for path, module in visible_modules(model):
         while isinstance(module, LoraLayer):
             yield path, module
             path, module = f"{path}.base", module.base
-        if isinstance(module, TrainableCopies):
+        if isinstance(module, (TrainableCopies, TrainableTokens)):
             yield path, module
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[LoraLayer | TrainableCopies]:
+def iter_wrappers(model: nn.Module) -> Iterator[Wrapper]:
     return (module for _, module in named_wrappers(model))
 
 
@@ -137,6 +141,14 @@ def find_target_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[s
     available: list[str] = []
     for mod_name, module in visible_modules(model):
         if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+            base = module.base
+            while isinstance(base, LoraLayer):
+                base = base.base
+            hit = [n for n, _ in base.named_parameters(recurse=False)
+                   if _name_matches(f"{mod_name}.{n}", config.target_parameters)]
+            if hit:  # silently skipping it would load an adapter without that parameter's update
+                raise TargetModuleError(f"target_parameters names {mod_name}.{hit[0]}, but {mod_name!r} already "
+                                        "carries LoRA through target_modules; target the module or its parameter")
             continue
         for param_name, _ in innermost(module).named_parameters(recurse=False):
             full = f"{mod_name}.{param_name}" if mod_name else param_name

@@ -164,6 +164,10 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def reset_adapter(self, adapter: LoraAdapter, init: bool | str) -> None:
         """PEFT's defaults: A Kaiming-uniform (a=√5) or N(0, 1/r); B = 0 so ΔW starts at exactly 0."""
+        if init == "orthogonal":  # variants.olora draws both factors, in PEFT's RNG order
+            nn.init.zeros_(adapter.lora_a)
+            nn.init.zeros_(adapter.lora_b)
+            return
         if init == "gaussian":
             nn.init.normal_(adapter.lora_a, std=1 / adapter.rank)
         else:

@@ -33,6 +33,7 @@ from pydantic import (
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
+from lorakit.peft_features import check_peft_features
 
 
 class _Section(BaseModel):
@@ -234,6 +235,7 @@ KEY_ALIASES = {
 def lora_config_from(data: dict[str, Any]) -> LoraConfig:
     """Build the (variant) LoraConfig; unknown keys are an error listing the allowed ones."""
     cls = lora_config_class(data.get("peft_type", "LORA"))
+    check_peft_features(data)  # a PEFT feature lorakit lacks is named, not reported as an unknown key
     allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name != "extra")
     unknown = sorted(set(data) - set(allowed))
     if unknown:

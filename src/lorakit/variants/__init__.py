@@ -37,6 +37,8 @@ from lorakit.layers import LoraAdapter, LoraLayer
 from lorakit.variants.adalora import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, trainable_adalora_name
 from lorakit.variants.dora import DoraAdapter
 from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
+from lorakit.variants.lora_bias import LoraBiasAdapter
+from lorakit.variants.olora import olora_init, orthogonal_init
 from lorakit.variants.pissa import pissa_init
 from lorakit.variants.shared_a import SharedAAdapter
 
@@ -45,6 +47,7 @@ __all__ = [
     "AdaLoraConfig",
     "DoraAdapter",
     "DyLoraAdapter",
+    "LoraBiasAdapter",
     "SharedAAdapter",
     "adapter_class",
     "config_class_for_peft_type",
@@ -64,6 +67,8 @@ def adapter_class(config: LoraConfig, layer: LoraLayer) -> type[LoraAdapter]:
         return DoraAdapter
     if config.use_dylora:
         return DyLoraAdapter
+    if config.lora_bias:
+        return LoraBiasAdapter
     if config.shared_a_with:
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
             raise ConfigError("shared_a_with can't be combined with a PiSSA init (A comes from the owner)")
@@ -76,12 +81,16 @@ def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) ->
     init = config.init_lora_weights
     is_pissa = isinstance(init, str) and init.startswith("pissa")
     others = [a for a in layer.adapters.values() if a is not adapter]
-    if others and (is_pissa or any(hasattr(a, "pissa_a0") for a in others)):
-        warnings.warn("a PiSSA adapter shares a layer with other adapters: PiSSA rewrote the base weight to "
-                      "W0 − s·B0·A0, so the others see that residual. Keep PiSSA adapters alone, or convert them "
-                      "with lorakit.variants.pissa.to_lora_factors", stacklevel=4)
+    if others and (is_pissa or init == "olora" or any(hasattr(a, "pissa_a0") for a in others)):
+        warnings.warn("a PiSSA/OLoRA adapter shares a layer with other adapters: it rewrote the base weight to "
+                      "W0 − s·B0·A0, so the others see that residual. Keep PiSSA/OLoRA adapters alone, or convert "
+                      "them with lorakit.variants.pissa.to_lora_factors", stacklevel=4)
     if is_pissa:
         pissa_init(layer, adapter, init)
+    elif init == "olora":
+        olora_init(layer, adapter)
+    elif init == "orthogonal":
+        orthogonal_init(layer, adapter)
     adapter.setup(layer, config)
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraParameter
+from lorakit.layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraParameter
 
 
 def _out_axis(layer: LoraLayer) -> int:
@@ -28,6 +29,10 @@ def _out_axis(layer: LoraLayer) -> int:
 
 def unit_norm(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
     """‖weight‖₂ per output unit, keepdim (broadcasts against the weight): (out, 1), (1, out), ..."""
+    if isinstance(layer, LoraLinear):  # PEFT's reduction: over dim 1 of the (out, in) matrix
+        fan_in_fan_out = layer.fan_in_fan_out
+        norm = torch.linalg.norm(weight.T if fan_in_fan_out else weight, dim=1).to(weight.dtype)
+        return norm.view(1, -1) if fan_in_fan_out else norm.view(-1, 1)
     axis = _out_axis(layer)
     return weight.norm(p=2, dim=tuple(d for d in range(weight.dim()) if d != axis), keepdim=True)
 
@@ -84,8 +89,34 @@ class DoraAdapter(LoraAdapter):
         """Undo this adapter's merge on `weight`: W / f − s·BA (f from the merge-time norm)."""
         return weight / self._factor(self.merged_norm) - self.lora_delta(layer)
 
+    def _linear_output(self, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT 0.21's DoRA forward for Linear, operation for operation (bit-identical outputs).
+
+        Its norm uses the LoRA weight formed as ``B(A(I)).T`` (two matmuls with an identity), which
+        rounds differently from ``B @ A``; merge and the magnitude init use ``B @ A``, as PEFT does.
+        """
+        a, b = self.lora_a, self.lora_b
+        eye = torch.eye(a.shape[1], device=a.device, dtype=a.dtype)
+        lora_weight = F.linear(F.linear(eye, a), b).T.to(x.dtype)  # (out, in)
+        weight = layer.base_weight().to(x.dtype)
+        weight = weight.T if layer.fan_in_fan_out else weight
+        norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).to(weight.dtype).detach()
+        factor = (self.lora_magnitude / norm).view(1, -1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            x_lora, base_out = x, result
+            bias = getattr(layer.base, "bias", None)
+            if bias is not None:
+                base_out = base_out - bias
+        else:  # PEFT: the dropped-out input through W0 alone (no bias)
+            x_lora = self.dropout(x)
+            base_out = F.linear(x_lora, weight)
+        lora = F.linear(F.linear(x_lora, a), b)
+        return result + ((factor - 1) * base_out + factor * lora * self.scaling)
+
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         x = layer.cast_input(x, self.lora_a.dtype)
+        if isinstance(layer, LoraLinear):
+            return self._linear_output(layer, x, result).to(result.dtype)
         lora_weight = self.lora_delta(layer).detach()
         weight = layer.base_weight().to(lora_weight.dtype)
         norm = unit_norm(layer, weight + lora_weight).detach()  # a constant for autograd (DoRA §4.3)
@@ -96,9 +127,9 @@ class DoraAdapter(LoraAdapter):
         bias = getattr(layer.base, "bias", None)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             x_lora, base_out = x, result
-        else:  # the dropped-out input goes through W0 as well (PEFT does the same)
+        else:  # PEFT: the dropped-out input through W0 alone, no bias (LoraConv is the only kind left here)
             x_lora = self.dropout(x)
-            base_out = layer.base(x_lora)
+            base_out, bias = layer.base._conv_forward(x_lora, weight, None), None
         if bias is not None:  # W0·x without the bias: (N, out, *S) for Conv, (..., out) otherwise
             shape = (-1, *([1] * (base_out.dim() - 2))) if isinstance(layer, LoraConv) else (-1,)
             base_out = base_out - bias.view(shape)
