@@ -22,3 +22,7 @@ class AdapterError(LorakitError, KeyError):
 
 class AdapterLoadError(LorakitError, ValueError):
     """An adapter folder is missing, corrupt, or doesn't fit the base model."""
+
+
+class MergeError(LorakitError, ValueError):
+    """An adapter can't be merged into its layer's base weight (e.g. LoRA on a grouped convolution)."""

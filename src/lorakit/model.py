@@ -308,7 +308,10 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> None:
         """W += scaling·B·A in every layer for these (default: active) adapters."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        for layer in self.lora_layers():
+        layers = list(self.lora_layers())
+        for layer in layers:  # every layer first, so a refusal leaves no layer half merged
+            layer.check_mergeable([n for n in names if n in layer.adapters and n not in layer.merged_adapters])
+        for layer in layers:
             layer.merge(names, safe=safe_merge)
 
     def unmerge_adapter(self) -> None:

@@ -123,7 +123,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         ):
             raise TargetModuleError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA wraps Linear, Conv1D (GPT-2), "
-                "Embedding and Conv1d/2d/3d layers. Target its linear sub-layers instead, or use "
+                "Embedding, Conv1d/2d/3d and MultiheadAttention layers. Target its linear sub-layers instead, or use "
                 "target_parameters for a raw weight"
             )
     return found

@@ -184,10 +184,15 @@ class LoraLayer(nn.Module):
         """scaling · B·A in the base weight's layout, in fp32."""
         return self.adapters[name].delta(self)
 
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        """Raise MergeError, before anything changes, when one of these adapters can't be merged here."""
+
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
         """W += ΔW for each named (default: active) adapter not yet merged. Idempotent."""
-        for name in names if names is not None else self.active_adapters:
+        names = list(names if names is not None else self.active_adapters)
+        self.check_mergeable([n for n in names if n in self.adapters and n not in self.merged_adapters])
+        for name in names:
             if name not in self.adapters or name in self.merged_adapters:
                 continue
             try:
