@@ -1,0 +1,96 @@
+"""LoRA on grouped convolutions: PEFT's layout (full A, grouped 1×1 B), closed form, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import MergeError, TargetModuleError
+from lorakit.layers import LoraConv
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4 * 25)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        return self.conv(self.lin(x).reshape(-1, 4, 5, 5))
+
+
+def _make():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".adapters." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_shapes_and_closed_form_per_group():
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=4, lora_alpha=6, target_modules=["conv"]))
+    _randomize(lm)
+    layer = lm.model.conv
+    ad = layer.adapters["default"]
+    assert isinstance(layer, LoraConv) and ad.lora_a.shape == (4, 4, 3, 3) and ad.lora_b.shape == (6, 2, 1, 1)
+    x = torch.randn(3, 4, 5, 5)
+    u = F.conv2d(x, ad.lora_a, padding=1)  # A over every input channel: (3, 4, 5, 5)
+    # output channels 0-2 read rank channels 0-1, channels 3-5 read rank channels 2-3
+    lora = torch.cat([torch.einsum("or,nrhw->nohw", ad.lora_b[3 * g:3 * g + 3, :, 0, 0], u[:, 2 * g:2 * g + 2])
+                      for g in range(2)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + 1.5 * lora, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_not_divisible_by_groups_is_refused_with_the_fix():
+    with pytest.raises(TargetModuleError, match="divisible by groups"):
+        lorakit.get_lora_model(_make(), LoraConfig(r=3, target_modules=["conv"]))
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=3, target_modules=["conv", "lin"], rank_pattern={"conv": 2}))
+    assert lm.model.conv.adapters["default"].rank == 2
+
+
+def test_merge_is_refused_before_any_layer_changes():
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["lin", "conv"]))
+    _randomize(lm)
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    x = torch.randn(2, 6)
+    before = lm(x)
+    for call in (lm.merge_adapter, lm.merge_and_unload):
+        with pytest.raises(MergeError, match="grouped Conv2d"):
+            call()
+        assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+        assert not lm.model.lin.merged_adapters
+        assert torch.equal(lm(x), before)
+
+
+def test_mixed_batch_equals_each_adapter_alone():
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["conv"]), "a")
+    lm.add_adapter("b", LoraConfig(r=4, lora_alpha=3, target_modules=["conv", "lin"]))
+    _randomize(lm)
+    x = torch.randn(4, 6)
+    names = ["a", None, "b", "a"]
+    with torch.no_grad():
+        mixed = lm(x, adapter_names=names)
+        alone = {}
+        for name in ("a", "b"):
+            lm.set_adapter(name)
+            alone[name] = lm(x)
+        with lm.disable_adapters():
+            alone[None] = lm(x)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_dora=True), dict(use_dylora=True)])
+def test_weight_space_variants_are_refused(kwargs):
+    with pytest.raises(TargetModuleError, match="grouped convolution"):
+        lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["conv"], **kwargs))
