@@ -94,3 +94,12 @@ def test_mixed_batch_equals_each_adapter_alone():
 def test_weight_space_variants_are_refused(kwargs):
     with pytest.raises(TargetModuleError, match="grouped convolution"):
         lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["conv"], **kwargs))
+
+
+def test_analysis_tools_refuse_a_grouped_conv_folder_by_name(tmp_path):
+    from lorakit.analysis.errors import UnsupportedAdapterError
+    from lorakit.analysis.factors import read_adapter
+
+    lorakit.get_lora_model(_make(), LoraConfig(r=4, target_modules=["conv"])).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedAdapterError, match="grouped convolution"):
+        read_adapter(tmp_path)

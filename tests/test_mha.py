@@ -156,3 +156,17 @@ def test_separate_qkv_weights_are_refused_and_dropout_is_ignored_with_a_warning(
     with pytest.warns(UserWarning, match="lora_dropout"):
         lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, lora_dropout=0.1, target_modules=["mha"]))
     assert lm.model.mha.embed_dim == 8 and lm.model.mha.batch_first  # attributes reach the base
+
+
+def test_loraplus_speeds_up_both_b_factors_and_analysis_tools_refuse_the_folder(tmp_path):
+    from lorakit.analysis.errors import UnsupportedAdapterError
+    from lorakit.analysis.factors import read_adapter
+    from lorakit.variants.loraplus import param_groups
+
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["mha"]))
+    ad = lm.model.mha.adapters["default"]
+    fast = {id(p) for g in param_groups(lm, lr=1e-3, ratio=16) if g["lr"] == 16e-3 for p in g["params"]}
+    assert fast == {id(ad.lora_b), id(ad.out_b)}
+    lm.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedAdapterError, match="MultiheadAttention"):
+        read_adapter(tmp_path)  # inspect/compress/combine: ΔW of out_proj isn't scaling·B·A
