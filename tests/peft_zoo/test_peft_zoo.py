@@ -7,35 +7,8 @@ counts recorded in BENCHMARKS.md.
 from __future__ import annotations
 
 import pytest
-from zoo_cases import BY_NAME, CASES
+from zoo_cases import BY_NAME, CASES, PENDING
 from zoo_harness import DIFFERENT, PASS, REFUSED, run_case
-
-# Cases whose feature is implemented (or refused) on the PEFT-exactness branch (issue 13 part 2a:
-# lora_bias, trainable tokens, KaSA/VeLoRA/MonteCLoRA refusals, OLoRA, PEFT's bias and
-# target_parameters keys, DoRA's operation order). They run, and must not differ once that branch
-# is merged: empty this table then.
-PENDING = {
-    "Vanilla MLP 7 LoRA with DoRA": "DoRA operation order",
-    "Vanilla MLP 8 LoRA with DoRA": "DoRA operation order",
-    "Vanilla MLP 9 LoRA with DoRA": "DoRA operation order",
-    "MLP DoRA rsLoRA": "DoRA operation order",
-    "Vanilla MLP 1 LoRA with KaSA": "KaSA refusal",
-    "Vanilla MLP 10 LoRA with VeLoRA random": "VeLoRA refusal",
-    "Vanilla MLP 11 LoRA with VeLoRA batch_average": "VeLoRA refusal",
-    "Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA refusal",
-    "Embedding + transformers Conv1D 1 LoRA trainable_tokens": "trainable_token_indices",
-    "Vanilla MLP 1 LoRA with lora_b bias": "lora_bias",
-    "Conv2d 1 LoRA with lora_b bias": "lora_bias",
-    "Conv3d 1 LoRA with lora_b bias": "lora_bias",
-    "MLP 1 using nn.Parameter LoRA": "target_parameters keys",
-    "MLP 2 using nn.Parameter LoRA": "target_parameters keys",
-    "LoRA targeting nn.Parameter Same": "target_parameters keys",
-    "GRU target_parameters": "target_parameters keys",
-    "MLP bias all": "bias keys (base_layer.bias)",
-    "MLP bias lora_only": "bias keys (base_layer.bias)",
-    "MLP OLoRA init": "OLoRA init",
-}
-assert set(PENDING) <= set(BY_NAME)
 
 
 def _param(case):
