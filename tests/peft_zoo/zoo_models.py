@@ -137,6 +137,8 @@ _BUILDERS = {
     "Conv2d": lambda: _ConvNet(nn.Conv2d(5, 10, 3), (5, 3, 3), 10),
     "Conv2d1x1": lambda: _ConvNet(nn.Conv2d(1, 10, 1), (1, 3, 3), 90),
     "Conv2dStrided": lambda: _ConvNet(nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 5, 5), 54),
+    "Conv2dReflect": lambda: _ConvNet(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (4, 5, 5), 150),
+    "Conv2dDilated": lambda: _ConvNet(nn.Conv2d(4, 6, 3, padding="same", dilation=2), (4, 5, 5), 150),
     "Conv2dGroups": Conv2dGroups,
     "Conv2dGroups2": lambda: _ConvNet(nn.Conv2d(16, 32, 3, padding=1, groups=2), (16, 4, 4), 512),
     "Conv3d": lambda: _ConvNet(nn.Conv3d(5, 10, 3), (5, 3, 3, 3), 10),
@@ -146,7 +148,7 @@ _BUILDERS = {
 }
 
 # features per input row, for the models that take floats
-_IN_FEATURES = {"Conv1dKernel1": 30, "Conv2d": 45, "Conv2dStrided": 100, "Conv2dGroups2": 256, "Conv3d": 135,
+_IN_FEATURES = {"Conv2dReflect": 100, "Conv2dDilated": 100, "Conv1dKernel1": 30, "Conv2d": 45, "Conv2dStrided": 100, "Conv2dGroups2": 256, "Conv3d": 135,
                 "Conv2d1x1": 9, "MHABatched": 30}
 
 # models whose batch rows don't interact (a per-row adapter choice can be checked row by row)

@@ -5,6 +5,11 @@ h = conv(x, W) + scaling · conv₁ₓ₁(conv(x, A), B),  A: (r, in, *k), B: (o
 Because B is pointwise, the composition is one conv with weight einsum('or,r...->o...', B, A),
 which is the merged delta.
 
+A runs with the base's stride and padding only — dilation 1 and zero padding whatever the base
+uses — because that is what PEFT's ``lora_A`` conv does, and a PEFT adapter must give PEFT's
+outputs. For a dilated conv or a non-zero ``padding_mode`` the LoRA path is then not the base conv
+with a changed kernel, so merging such an adapter is refused (MergeError) rather than inexact.
+
 Grouped convolutions (``groups = g > 1``) follow PEFT's layout: A stays a full (ungrouped) conv
 over all input channels and B is a grouped 1×1 conv (each group of out/g output channels reads
 its own r/g rank channels), so r must be divisible by g. The LoRA path then mixes channels across
@@ -53,41 +58,49 @@ class LoraConv(LoraLayer):
         return (rank, self.in_features, *kernel), (self.out_features, rank // self.groups, *ones)
 
     def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=LoraAdapter):
-        if self.groups > 1 and adapter_cls.custom_math:
+        if adapter_cls.custom_math and self._unmergeable_reason():
+            what = (f"a grouped convolution (groups={self.groups})" if self.groups > 1
+                    else "a conv with dilation or a non-zero padding_mode")
             raise TargetModuleError(
-                f"{adapter_cls.__name__} is not available on a grouped convolution (groups={self.groups}): its "
-                "weight-space math needs a mergeable delta, which a grouped conv doesn't have. Use plain LoRA on "
-                "this layer or exclude it"
+                f"{adapter_cls.__name__} is not available on {what}: its weight-space math needs a mergeable "
+                "delta, which this conv's LoRA path doesn't have. Use plain LoRA on this layer or exclude it"
             )
         return super().add_adapter(name, rank, alpha, scaling, dropout, init, adapter_cls)
 
     def project_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # the base's own stride/padding/dilation/padding_mode, never its groups: (N, in, *S) -> (N, r, *S')
-        if self.groups == 1:
-            return self.base._conv_forward(x, a, None)
-        base = self.base
-        if base.padding_mode != "zeros":
-            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            return self._functional(x, a, None, base.stride, 0, base.dilation)
-        return self._functional(x, a, None, base.stride, base.padding, base.dilation)
+        # PEFT's lora_A: a conv with the base's kernel, stride and padding, but dilation 1, zero
+        # padding and no groups, whatever the base uses: (N, in, *S) -> (N, r, *S')
+        return self._functional(x, a, None, self.base.stride, self.base.padding)
 
     def project_b(self, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # pointwise, grouped like the base: (N, r, *S') -> (N, out, *S')
         return self._functional(u, b, groups=self.groups)
 
     def delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.groups > 1:
-            raise MergeError(self._grouped_message())
+        reason = self._unmergeable_reason()
+        if reason:
+            raise MergeError(reason)
         return torch.einsum("or,r...->o...", b.flatten(1), a)  # (out, in, *k)
 
     def check_mergeable(self, names) -> None:
-        if self.groups > 1 and names:
-            raise MergeError(self._grouped_message())
+        reason = self._unmergeable_reason()
+        if reason and names:
+            raise MergeError(reason)
 
-    def _grouped_message(self) -> str:
-        return (f"a LoRA adapter on a grouped {type(self.base).__name__} (groups={self.groups}) has no weight delta in "
-                "the base kernel's grouped layout, so it can't be merged or exported as a dense delta (PEFT refuses "
-                "too). Keep it unmerged (its forward is exact), or exclude grouped convs from target_modules")
+    def _unmergeable_reason(self) -> str | None:
+        """Why this layer's LoRA path is no single conv with the base's settings, or None."""
+        base, kind = self.base, type(self.base).__name__
+        if self.groups > 1:
+            return (f"a LoRA adapter on a grouped {kind} (groups={self.groups}) has no weight delta in the base "
+                    "kernel's grouped layout, so it can't be merged or exported as a dense delta (PEFT refuses too). "
+                    "Keep it unmerged (its forward is exact), or exclude grouped convs from target_modules")
+        dilated = any(d != 1 for d in base.dilation)
+        if dilated or base.padding_mode != "zeros":
+            what = f"dilation={tuple(base.dilation)}" if dilated else f"padding_mode={base.padding_mode!r}"
+            return (f"this {kind} has {what}, which PEFT's LoRA A (and so lorakit's, to stay exact with PEFT "
+                    "files) doesn't use: the LoRA path is not the base conv with a changed kernel, so it can't be "
+                    "merged or exported as a weight delta. Keep it unmerged, or exclude this layer")
+        return None
 
     def rank_dim(self, x: torch.Tensor) -> int:
         return 1

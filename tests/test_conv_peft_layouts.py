@@ -1,7 +1,10 @@
-"""LoRA on grouped convolutions: PEFT's layout (full A, grouped 1×1 B), closed form, refusals."""
+"""LoRA on convs PEFT lays out its own way: grouped convs (full A, grouped 1×1 B) and convs with
+dilation or a non-zero padding_mode (A runs without them, as PEFT's lora_A): closed forms, PEFT
+parity, and merges refused before anything changes."""
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -103,3 +106,30 @@ def test_analysis_tools_refuse_a_grouped_conv_folder_by_name(tmp_path):
     lorakit.get_lora_model(_make(), LoraConfig(r=4, target_modules=["conv"])).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedAdapterError, match="grouped convolution"):
         read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2),
+    lambda: nn.Conv1d(3, 4, 3, padding=2, padding_mode="circular"),
+])
+def test_dilation_and_padding_mode_follow_peft_and_merging_is_refused(conv, tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(conv()).eval()
+
+    pm = peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, *([7] * (make()[0].weight.dim() - 2)))
+    lm = lorakit.LoraModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        ref = pm(x)
+        assert torch.equal(lm(x), ref)
+        ad, base = lm.model[0].adapters["default"], lm.model[0].base
+        fn = F.conv2d if x.dim() == 4 else F.conv1d
+        u = fn(x, ad.lora_a, None, base.stride, base.padding)  # dilation 1, zero padding: PEFT's lora_A
+        torch.testing.assert_close(lm(x), base(x) + ad.scaling * fn(u, ad.lora_b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(MergeError, match="dilation|padding_mode"):
+        lm.merge_adapter()
+    with torch.no_grad():
+        assert torch.equal(lm(x), ref)
