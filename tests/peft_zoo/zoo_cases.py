@@ -8,10 +8,11 @@ refusal must contain to count as a clear one (it must name the feature).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import peft
+import torch
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Case:
     kwargs: dict[str, Any]
     second: dict[str, Any] | None = None  # a second adapter, active together with the first
     names: tuple[str, ...] = ()  # a refusal must mention one of these (case-insensitive)
-    tags: tuple[str, ...] = field(default=())
+    dtype: torch.dtype = torch.float32  # the base model's dtype (adapters stay fp32, as in PEFT)
 
     @property
     def peft_config_class(self):
@@ -164,6 +165,15 @@ CASES: list[Case] = [
         ("RANDLORA", {"target_modules": ["lin0"], "randlora_alpha": 1}),
     ]],
 ]
+
+# half-precision bases: PEFT keeps the adapters in fp32 and adds in its own order of casts
+CASES += [replace(BY_NAME_F32, name=f"{BY_NAME_F32.name} bf16", dtype=torch.bfloat16) for BY_NAME_F32 in
+          [c for c in CASES if c.name in ("Vanilla MLP 4 LoRA", "Conv2d 2 LoRA", "MHA 2 LoRA",
+                                          "Embedding + transformers Conv1D 3 LoRA", "Conv2d 2 AdaLoRA",
+                                          "Conv2d Groups LoRA", "MHA batched two adapters", "Conv2d 1 LoRA with DoRA",
+                                          "Vanilla MLP 8 LoRA with DoRA")]]
+CASES += [replace(c, name="Vanilla MLP 4 LoRA fp16", dtype=torch.float16) for c in CASES
+          if c.name == "Vanilla MLP 4 LoRA"]
 
 BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"

@@ -60,14 +60,15 @@ def case_seed(case: Case) -> int:
     return zlib.crc32(case.name.encode()) % 10_000
 
 
-def rounding_tol(model: torch.nn.Module, *outputs: torch.Tensor) -> float:
+def rounding_tol(model: torch.nn.Module, *outputs: torch.Tensor) -> float:  # noqa: D417
     """|a − b| bound for two fp32 evaluations of the same function in different association orders.
 
     Each side is within γ_n·scale of the exact value, so twice that bounds their gap; the margin
     of 64 in n covers adapter ranks, attention and (log-)softmax sums.
     """
     n = reduction_length(model) + 64
-    gamma = n * U32 / (1 - n * U32)
+    u = U32 if outputs[0].dtype == torch.float32 else torch.finfo(outputs[0].dtype).eps / 2
+    gamma = n * u / (1 - n * u) if n * u < 0.5 else 1.0
     scale = max(1.0, *(float(o.detach().abs().max()) for o in outputs))
     return 2 * gamma * scale
 
@@ -138,6 +139,15 @@ def _lorakit_call(case: Case, fn, *args, **kwargs):
         raise Different(f"refused without naming the feature {case.names}: {type(exc).__name__}: {exc}") from exc
 
 
+def _base(case: Case) -> torch.nn.Module:
+    return MODELS[case.model]().to(case.dtype)
+
+
+def _input(case: Case, seed: int) -> torch.Tensor:
+    x = make_input(case.model, seed)
+    return x.to(case.dtype) if x.is_floating_point() else x
+
+
 # ---------------------------------------------------------------------------- PEFT side
 def _peft_config(case: Case, kwargs: dict):
     return case.peft_config_class(**kwargs)
@@ -146,7 +156,7 @@ def _peft_config(case: Case, kwargs: dict):
 def _peft_load(case: Case, folder: Path, second: bool) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(MODELS[case.model](), folder)
+        pm = peft.PeftModel.from_pretrained(_base(case), folder)
         if second:
             pm.load_adapter(folder / "other", adapter_name="other")
             pm.base_model.set_adapter(["default", "other"])
@@ -156,7 +166,7 @@ def _peft_load(case: Case, folder: Path, second: bool) -> torch.nn.Module:
 def _peft_write(case: Case, folder: Path, seed: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(MODELS[case.model](), _peft_config(case, _defaults(case, case.kwargs)))
+        pm = peft.get_peft_model(_base(case), _peft_config(case, _defaults(case, case.kwargs)))
         if case.second is not None:
             pm.add_adapter("other", _peft_config(case, _defaults(case, case.second)))
         randomize(pm, seed, lorakit_side=False)
@@ -182,7 +192,7 @@ def _lorakit_load(case: Case, folder: Path, second: bool, name: str = "default",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if into is None:
-            model = lorakit.LoraModel.from_pretrained(MODELS[case.model](), folder, adapter_name=name)
+            model = lorakit.LoraModel.from_pretrained(_base(case), folder, adapter_name=name)
         else:
             into.load_adapter(folder, adapter_name=name)
             model = into
@@ -197,7 +207,7 @@ def _lorakit_write(case: Case, folder: Path, seed: int):
     second = _lorakit_config(case, case.second) if case.second is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lorakit.get_lora_model(MODELS[case.model](), config)
+        model = lorakit.get_lora_model(_base(case), config)
         if second is not None:
             model.add_adapter("other", second)
             model.set_adapter(["default", "other"])
@@ -225,7 +235,7 @@ def run_case(case: Case, workdir: Path) -> Result:
 
 def _run(case: Case, work: Path, notes: list[str]) -> None:
     seed = case_seed(case)
-    x = make_input(case.model, seed)
+    x = _input(case, seed)
     two = case.second is not None
 
     # ---- direction A: PEFT writes, lorakit reads (and re-saves), PEFT re-reads lorakit's copy
@@ -342,7 +352,7 @@ def _check_delete(case, peft_dir, ours_dir, two, x, notes) -> None:
     if case.kwargs.get("bias", "none") != "none" or _rewrites_base(case):
         notes.append("delete: base not compared (trained biases or an init that rewrites W stay, as in PEFT)")
         return
-    _equal(_out(model, x), _out(MODELS[case.model](), x), "after deleting every adapter")
+    _equal(_out(model, x), _out(_base(case), x), "after deleting every adapter")
 
 
 def _check_mixed(case, peft_dir, ours_dir, x, notes) -> None:

@@ -118,5 +118,5 @@ class LoraConv(LoraLayer):
         for g, name in enumerate(routing.names):
             if name in self.adapters:
                 rows = (routing.row_index == g).nonzero().squeeze(1).to(x.device)
-                result[rows] = self.adapters[name].output(self, x[rows], result[rows])
+                result[rows] = self.adapters[name].output(self, x[rows], result[rows]).to(result.dtype)
         return result

@@ -165,7 +165,7 @@ class AdaLoraAdapter(LoraAdapter):
         x = layer.cast_input(x, self.lora_a.dtype)
         u = layer.project_a(self.dropout(x), self.lora_a * self.lora_e)  # (..., r)
         y = layer.project_b(u, self.lora_b) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
-        return result + y.to(result.dtype)
+        return (result + y).to(result.dtype)  # PEFT's in-place `result +=`: summed in fp32, rounded once
 
     @torch.no_grad()
     def apply_mask(self, kept: torch.Tensor) -> None:

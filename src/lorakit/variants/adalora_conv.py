@@ -47,4 +47,4 @@ class AdaLoraConvAdapter(AdaLoraAdapter):
         kernel = (self.lora_b @ (self.lora_a * self.lora_e) * self.alpha
                   / (self.ranknum + RANKNUM_EPS)).reshape(base.weight.shape)  # PEFT's order of operations
         y = F.conv2d(self.dropout(x), kernel, stride=base.stride, padding=base.padding, dilation=base.dilation)
-        return result + y.to(result.dtype)
+        return (result + y).to(result.dtype)  # PEFT's in-place `result +=`: summed in fp32, rounded once
