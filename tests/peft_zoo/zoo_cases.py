@@ -167,11 +167,11 @@ CASES: list[Case] = [
 ]
 
 # half-precision bases: PEFT keeps the adapters in fp32 and adds in its own order of casts
-CASES += [replace(BY_NAME_F32, name=f"{BY_NAME_F32.name} bf16", dtype=torch.bfloat16) for BY_NAME_F32 in
-          [c for c in CASES if c.name in ("Vanilla MLP 4 LoRA", "Conv2d 2 LoRA", "MHA 2 LoRA",
-                                          "Embedding + transformers Conv1D 3 LoRA", "Conv2d 2 AdaLoRA",
-                                          "Conv2d Groups LoRA", "MHA batched two adapters", "Conv2d 1 LoRA with DoRA",
-                                          "Vanilla MLP 8 LoRA with DoRA")]]
+_HALF = ("Vanilla MLP 4 LoRA", "Vanilla MLP 5 LoRA", "Conv1d LoRA", "Conv2d 2 LoRA", "Conv2d Groups LoRA",
+         "MHA 2 LoRA", "MHA batched two adapters", "Embedding + transformers Conv1D 3 LoRA", "Conv2d 2 AdaLoRA",
+         "Vanilla MLP 8 LoRA with DoRA", "Conv2d 1 LoRA with DoRA", "Conv3d 2 LoRA with DoRA",
+         "Embedding + transformers Conv1D 3 DoRA")
+CASES += [replace(c, name=f"{c.name} bf16", dtype=torch.bfloat16) for c in CASES if c.name in _HALF]
 CASES += [replace(c, name="Vanilla MLP 4 LoRA fp16", dtype=torch.float16) for c in CASES
           if c.name == "Vanilla MLP 4 LoRA"]
 
