@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorakit
-from lorakit import LoraConfig
+from lorakit import ConfigError, LoraConfig
 from lorakit.errors import MergeError, TargetModuleError
 from lorakit.layers import LoraConv
 
@@ -133,3 +133,12 @@ def test_dilation_and_padding_mode_follow_peft_and_merging_is_refused(conv, tmp_
         lm.merge_adapter()
     with torch.no_grad():
         assert torch.equal(lm(x), ref)
+
+
+@pytest.mark.parametrize("how", ["cat", "svd", "linear"])
+def test_weighted_combination_of_grouped_conv_adapters_is_refused(how):
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["conv"]), "a")
+    lm.add_adapter("b", LoraConfig(r=2, target_modules=["conv"]))
+    with pytest.raises(ConfigError, match="grouped convolution"):
+        lm.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type=how)
+    assert "ab" not in lm.peft_config

@@ -248,6 +248,9 @@ class LoraModel(nn.Module):
             present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
             factors = [arithmetic.LoraFactors(ad.lora_a.flatten(1), ad.lora_b.flatten(1), ad.scaling)
                        for ad, _ in present]  # conv factors as (r, in·k) and (out, r)
+            if getattr(layer, "groups", 1) > 1:
+                raise ConfigError(f"layer {path!r} is a grouped convolution: B's groups split the rank axis, so its "
+                                  "adapters can't be combined by concatenating or summing factors; exclude it")
             ws = [w for _, w in present]
             if combination_type == "cat":
                 a, b, _ = arithmetic.concat(factors, ws, out_scaling=1.0)
