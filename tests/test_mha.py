@@ -170,3 +170,12 @@ def test_loraplus_speeds_up_both_b_factors_and_analysis_tools_refuse_the_folder(
     lm.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedAdapterError, match="MultiheadAttention"):
         read_adapter(tmp_path)  # inspect/compress/combine: ΔW of out_proj isn't scaling·B·A
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["out_proj", "head"]])
+def test_the_inner_out_proj_is_refused_with_the_fix(targets):
+    with pytest.raises(TargetModuleError, match="never calls it"):
+        lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=targets))
+    lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
+    assert isinstance(lm.model.head, lorakit.layers.LoraLayer)
+    assert lm(torch.randn(2, 3, 8)).shape == (2, 3, 3)
