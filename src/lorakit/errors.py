@@ -49,3 +49,7 @@ def did_you_mean(name: str, choices: Iterable[str], aliases: dict[str, str] | No
     if not close:  # a case slip (LR for lr) scores low in difflib's ratio
         close = [c for c in choices if c.lower() == str(name).lower()][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class MergeError(LorakitError, ValueError):
+    """An adapter can't be merged into its layer's base weight (e.g. LoRA on a grouped convolution)."""

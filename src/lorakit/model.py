@@ -283,6 +283,9 @@ class LoraModel(nn.Module):
             present = [(layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
             factors = [arithmetic.LoraFactors(ad.lora_a.flatten(1), ad.lora_b.flatten(1), ad.scaling)
                        for ad, _ in present]  # conv factors as (r, in·k) and (out, r)
+            if getattr(layer, "groups", 1) > 1:
+                raise ConfigError(f"layer {path!r} is a grouped convolution: B's groups split the rank axis, so its "
+                                  "adapters can't be combined by concatenating or summing factors; exclude it")
             ws = [w for _, w in present]
             if combination_type == "cat":
                 a, b, _ = arithmetic.concat(factors, ws, out_scaling=1.0)
@@ -343,7 +346,10 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> None:
         """W += scaling·B·A in every layer for these (default: active) adapters."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        for layer in self.lora_layers():
+        layers = list(self.lora_layers())
+        for layer in layers:  # every layer first, so a refusal leaves no layer half merged
+            layer.check_mergeable([n for n in names if n in layer.adapters and n not in layer.merged_adapters])
+        for layer in layers:
             layer.merge(names, safe=safe_merge)
         for module in self._wrappers():
             if isinstance(module, TrainableTokens):

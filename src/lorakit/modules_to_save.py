@@ -46,6 +46,12 @@ class TrainableCopies(nn.Module):
         names = [(g, n) for g, n in enumerate(self.routing.names) if n in self.copies]
         if not names:
             return result
+        if not isinstance(result, torch.Tensor):  # e.g. an RNN's (output, h_n): which axis is the batch?
+            raise NotImplementedError(
+                f"a per-row adapter choice through the saved module {type(self.original).__name__} needs it to "
+                f"return one tensor with batch rows first; it returns a {type(result).__name__}. Run one adapter "
+                "per batch for this model"
+            )
         result = result.clone()
         for g, name in names:
             rows = (self.routing.row_index == g).nonzero().squeeze(1).to(x.device)

@@ -146,7 +146,8 @@ def _normalise_key(key: str) -> str:
 def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                             bias: str = "none") -> None:
     """Copy `tensors` into adapter `name`; every check happens before the first copy."""
-    refs = adapter_tensor_refs(model, name, bias)
+    # both sides normalised: a wrapper may name its tensors the way PEFT writes them (``.base_layer.``)
+    refs = {_normalise_key(k): v for k, v in adapter_tensor_refs(model, name, bias).items()}
     given = {_normalise_key(k): v for k, v in tensors.items()}
     for old, new in legacy_keys(model, name).items():
         if old in given and new not in given:

@@ -120,6 +120,15 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     found = [n for n in found if not _excluded(n, config) and _layer_index_ok(n, config)]
     if not found:
         raise TargetModuleError(_no_match_message(config.target_modules, modules))
+    inner = [n for n in found if isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)]
+    if inner:  # PEFT wraps it and the adapter silently does nothing; torch would fail on our wrapper
+        mha = inner[0].rpartition(".")[0]
+        raise TargetModuleError(
+            f"target_modules {config.target_modules!r} matches {inner[0]!r}, a sub-layer of the "
+            f"nn.MultiheadAttention {mha!r}: torch reads its weight directly and never calls it, so LoRA there "
+            f"would have no effect. Target the attention module itself ({mha.rpartition('.')[2]!r}: LoRA on "
+            "in_proj and out_proj), or leave it out (e.g. exclude_modules=['out_proj'] with 'all-linear')"
+        )
     for name in found:
         module = modules[name]
         if isinstance(module, LoraParameter) or (
@@ -127,7 +136,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         ):
             raise TargetModuleError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA wraps Linear, Conv1D (GPT-2), "
-                "Embedding and Conv1d/2d/3d layers. Target its linear sub-layers instead, or use "
+                "Embedding, Conv1d/2d/3d and MultiheadAttention layers. Target its linear sub-layers instead, or use "
                 "target_parameters for a raw weight"
             )
     return found

@@ -38,6 +38,7 @@ _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora)",
     ".lora_B.bias": "lora_bias",
     ".lora_E": "AdaLoRA",
+    ".base_layer.out_proj.lora_": "LoRA on nn.MultiheadAttention (PEFT adds the out_proj delta twice)",
 }
 
 
@@ -178,6 +179,10 @@ def _layer(path: Path, name: str, kind: str, pair: Mapping[str, torch.Tensor], c
     b_tail: tuple[int, ...] = ()
     if kind == "conv":
         a_tail, b_tail = tuple(a.shape[1:]), tuple(b.shape[2:])
+        if b.dim() == a.dim() and b.shape[1] != rank and b.shape[1] and rank % b.shape[1] == 0:
+            raise UnsupportedAdapterError(f"{path}: layer {name} is LoRA on a grouped convolution (lora_B reads "
+                                          f"{b.shape[1]} of {rank} rank channels per group); its ΔW is not a "
+                                          "dense scaling·B·A")
         if b.dim() != a.dim() or any(s != 1 for s in b_tail):
             raise UnsupportedAdapterError(f"{path}: layer {name} has conv factors {tuple(a.shape)} / "
                                           f"{tuple(b.shape)}; only B with a 1×1 kernel is supported")

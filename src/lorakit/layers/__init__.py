@@ -4,6 +4,7 @@ from lorakit.layers.base import LoraAdapter, LoraLayer, RowRouting
 from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, is_linear_like
+from lorakit.layers.mha import LoraMultiheadAttention
 from lorakit.layers.param import LoraParameter
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraMultiheadAttention",
     "LoraParameter",
     "RowRouting",
     "is_conv1d",
@@ -32,4 +34,6 @@ def wrap_module(module):
         return LoraEmbedding(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention(module)
     return None

@@ -67,7 +67,9 @@ class LoraAdapter(nn.Module):
         """The layer output with this adapter applied on top of `result` (the base output)."""
         x = layer.cast_input(x, self.lora_a.dtype)
         u = layer.project_a(self.dropout(x), self.lora_a)  # (..., r)
-        return result + (layer.project_b(u, self.lora_b) * self.scaling).to(result.dtype)
+        # no cast here: on a half-precision base the sum is formed in the adapter's fp32 and rounded
+        # once at the end of the layer (LoraLayer.forward), PEFT's order of casts
+        return result + layer.project_b(u, self.lora_b) * self.scaling
 
     def merge_into(self, layer: LoraLayer, safe: bool = True) -> None:
         delta = self.delta(layer)
@@ -188,10 +190,15 @@ class LoraLayer(nn.Module):
         """scaling · B·A in the base weight's layout, in fp32."""
         return self.adapters[name].delta(self)
 
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        """Raise MergeError, before anything changes, when one of these adapters can't be merged here."""
+
     @torch.no_grad()
     def merge(self, names: Sequence[str] | None = None, safe: bool = True) -> None:
         """W += ΔW for each named (default: active) adapter not yet merged. Idempotent."""
-        for name in names if names is not None else self.active_adapters:
+        names = list(names if names is not None else self.active_adapters)
+        self.check_mergeable([n for n in names if n in self.adapters and n not in self.merged_adapters])
+        for name in names:
             if name not in self.adapters or name in self.merged_adapters:
                 continue
             try:
@@ -218,11 +225,12 @@ class LoraLayer(nn.Module):
             if self.merged_adapters:
                 raise RuntimeError("a per-row adapter choice needs unmerged adapters: call unmerge_adapter() first")
             return self.mixed_forward(x, result, self.routing)
+        dtype = result.dtype
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.adapters:
                 continue
             result = self.adapters[name].output(self, x, result)
-        return result
+        return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """One adapter per row: factors concatenated on the rank axis, masked per row."""
@@ -233,7 +241,7 @@ class LoraLayer(nn.Module):
             result = result.clone()
             for g, name in custom:
                 rows = (routing.row_index == g).nonzero().squeeze(1).to(x.device)
-                result[rows] = self.adapters[name].output(self, x[rows], result[rows])
+                result[rows] = self.adapters[name].output(self, x[rows], result[rows]).to(result.dtype)
         if not present:
             return result
         adapters = [self.adapters[n] for _, n in present]

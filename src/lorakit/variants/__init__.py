@@ -33,8 +33,9 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraAdapter, LoraLayer
+from lorakit.layers import LoraAdapter, LoraConv, LoraLayer
 from lorakit.variants.adalora import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, trainable_adalora_name
+from lorakit.variants.adalora_conv import AdaLoraConvAdapter
 from lorakit.variants.dora import DoraAdapter
 from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
 from lorakit.variants.lora_bias import LoraBiasAdapter
@@ -45,6 +46,7 @@ from lorakit.variants.shared_a import SharedAAdapter
 __all__ = [
     "AdaLoraAdapter",
     "AdaLoraConfig",
+    "AdaLoraConvAdapter",
     "DoraAdapter",
     "DyLoraAdapter",
     "LoraBiasAdapter",
@@ -62,7 +64,7 @@ __all__ = [
 def adapter_class(config: LoraConfig, layer: LoraLayer) -> type[LoraAdapter]:
     """The adapter class a config asks for on this layer."""
     if isinstance(config, AdaLoraConfig):
-        return AdaLoraAdapter
+        return AdaLoraConvAdapter if isinstance(layer, LoraConv) else AdaLoraAdapter
     if config.use_dora:
         return DoraAdapter
     if config.use_dylora:

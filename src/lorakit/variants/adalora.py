@@ -115,8 +115,12 @@ class AdaLoraAdapter(LoraAdapter):
 
     def setup(self, layer: LoraLayer, config: AdaLoraConfig) -> None:
         if not isinstance(layer, LoraLinear):
-            raise TargetModuleError(f"AdaLoRA supports Linear-like layers only, not {type(layer.base).__name__}; "
-                                    "exclude it from target_modules")
+            raise TargetModuleError(f"AdaLoRA supports Linear-like and Conv2d layers only, not "
+                                    f"{type(layer.base).__name__}; exclude it from target_modules")
+        self.init_svd_factors(config)
+
+    def init_svd_factors(self, config: AdaLoraConfig) -> None:
+        """Create Λ, the rank buffers, and PEFT's init of P, Λ, Q."""
         placement = {"device": self.lora_a.device, "dtype": self.lora_a.dtype}
         self.lora_e = nn.Parameter(torch.zeros(self.rank, 1, **placement))
         with torch.no_grad():
@@ -161,7 +165,7 @@ class AdaLoraAdapter(LoraAdapter):
         x = layer.cast_input(x, self.lora_a.dtype)
         u = layer.project_a(self.dropout(x), self.lora_a * self.lora_e)  # (..., r)
         y = layer.project_b(u, self.lora_b) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
-        return result + y.to(result.dtype)
+        return (result + y).to(result.dtype)  # PEFT's in-place `result +=`: summed in fp32, rounded once
 
     @torch.no_grad()
     def apply_mask(self, kept: torch.Tensor) -> None:

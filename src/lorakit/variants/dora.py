@@ -134,7 +134,7 @@ class DoraAdapter(LoraAdapter):
             shape = (-1, *([1] * (base_out.dim() - 2))) if isinstance(layer, LoraConv) else (-1,)
             base_out = base_out - bias.view(shape)
         lora = layer.project_b(layer.project_a(x_lora, self.lora_a), self.lora_b)
-        return result + ((factor - 1) * base_out + factor * lora * self.scaling).to(result.dtype)
+        return result + ((factor - 1) * base_out + factor * lora * self.scaling)  # rounded by the layer, as PEFT
 
     # ------------------------------------------------------------------ merge
     def merge_into(self, layer: LoraLayer, safe: bool = True) -> None:

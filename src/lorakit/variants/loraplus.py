@@ -32,6 +32,8 @@ def param_groups(model: torch.nn.Module, lr: float, ratio: float = 16.0,
         if isinstance(module, LoraLayer):
             for adapter in module.adapters.values():
                 b_ids.add(id(adapter.lora_b))
+                if hasattr(adapter, "out_b"):  # MultiheadAttention's out_proj pair
+                    b_ids.add(id(adapter.out_b))
     groups = {key: [] for key in ("a", "a_no_decay", "b", "b_no_decay")}
     seen = set()
     for param in model.parameters():  # deduplicated by torch
