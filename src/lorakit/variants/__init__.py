@@ -37,7 +37,7 @@ from lorakit.layers import LoraAdapter, LoraLayer
 from lorakit.variants.adalora import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, trainable_adalora_name
 from lorakit.variants.dora import DoraAdapter
 from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
-from lorakit.variants.pissa import pissa_init
+from lorakit.variants.pissa import pissa_init, restore_base
 from lorakit.variants.shared_a import SharedAAdapter
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "prepare_load",
     "set_rank",
     "setup_adapter",
+    "teardown_adapter",
     "training_hooks",
 ]
 
@@ -83,6 +84,11 @@ def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) ->
     if is_pissa:
         pissa_init(layer, adapter, init)
     adapter.setup(layer, config)
+
+
+def teardown_adapter(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    """Undo what setup_adapter did to the layer itself (PiSSA's residual in the base weight)."""
+    restore_base(layer, adapter)
 
 
 def prepare_load(model: torch.nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
