@@ -87,9 +87,7 @@ def validate_adapter_config(data: Any, source: str = "adapter_config.json") -> N
         if data.get(key) is not None and not isinstance(data[key], str):
             fail(key, "null or a string", data[key])
     for key in ("rank_pattern", "alpha_pattern"):
-        pattern = data.get(key)
-        if pattern is None:
-            continue
+        pattern = data.get(key, {})
         if not isinstance(pattern, Mapping) or len(pattern) > MAX_ITEMS:
             fail(key, "an object mapping module-name patterns to values (or {})", pattern)
         for name, value in pattern.items():
