@@ -426,10 +426,14 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False) -> LoraModel:
+                        is_trainable: bool = False, root: str | os.PathLike | None = None) -> LoraModel:
         """Wrap `model` and load the adapter folder. If it fails, `model` is left exactly as it was
-        (weights bit for bit, requires_grad flags, modules)."""
-        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+        (weights bit for bit, requires_grad flags, modules).
+
+        root: read only files inside this folder (symlinks resolved and checked, no link followed
+        while opening), as ``lorakit serve --adapter-root`` does.
+        """
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         flags = [(p, p.requires_grad) for p in model.parameters()]
         lora_model = cls.__new__(cls)
         nn.Module.__init__(lora_model)
@@ -443,9 +447,13 @@ class LoraModel(nn.Module):
             raise
         return lora_model
 
-    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a PEFT-format folder. A failed load leaves the model exactly as it was."""
-        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     root: str | os.PathLike | None = None) -> None:
+        """Add an adapter from a PEFT-format folder. A failed load leaves the model exactly as it was.
+
+        root: as in :meth:`from_pretrained`.
+        """
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         self._load(adapter_name, config, tensors)
 
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -473,8 +481,9 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return LoraModel(model, config, adapter_name)
 
 
-def _read_config_and_tensors(adapter_dir, is_trainable: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    data, tensors = read_adapter_folder(adapter_dir)
+def _read_config_and_tensors(adapter_dir, is_trainable: bool,
+                             root=None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    data, tensors = read_adapter_folder(adapter_dir, root=root)
     folder = Path(adapter_dir)
     validate_adapter_config(data, str(folder / "adapter_config.json"))  # types and ranges, naming the key
     validate_adapter_tensors(tensors, str(folder))  # float and finite, before anything is copied

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from lorakit.serve.errors import BadRequest
 
@@ -27,7 +27,7 @@ class _Request(BaseModel):
     temperature: Number = Field(default=1.0, ge=0, le=2)
     top_p: Number = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1)
-    stream: bool = False
+    stream: StrictBool = False  # "yes" / 1 are refused, not read as true
     stop: str | list[str] | None = None
     seed: int | None = None
     stream_options: dict[str, Any] | None = None
@@ -36,7 +36,7 @@ class _Request(BaseModel):
     logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -62,7 +62,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = None
     suffix: str | None = None
 
@@ -110,7 +110,7 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     path: str
-    load: bool = True  # False: register only; loaded on first use
+    load: StrictBool = True  # False: register only; loaded on first use
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -51,12 +51,15 @@ class ModelHost:
     def adapters(self) -> list[str]:
         return list(self.lora.peft_config) if self.lora is not None else []
 
-    def load(self, name: str, folder: str | os.PathLike) -> None:
-        """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails)."""
+    def load(self, name: str, folder: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+        """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails).
+
+        root: read only files inside it (see :mod:`lorakit.io.rooted`).
+        """
         if self.lora is None:
-            self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name)
+            self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name, root=root)
         else:
-            self.lora.load_adapter(folder, adapter_name=name)
+            self.lora.load_adapter(folder, adapter_name=name, root=root)
         if not self._finite(name):  # refuse it now rather than fail every request that uses it
             self.lora.delete_adapter(name)
             raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights")
