@@ -49,6 +49,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.registry = engine, registry  # for tests and embedding applications
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
