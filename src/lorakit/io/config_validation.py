@@ -35,15 +35,16 @@ _ADALORA_INT_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT")
 _ADALORA_FLOAT_KEYS = ("beta1", "beta2", "orth_reg_weight")
 
 
-def validate_adapter_config(data: Any, source: str = "adapter_config.json") -> None:
-    """Raise AdapterLoadError naming `source` and the key if `data` is not a sane adapter config."""
+def validate_adapter_config(data: Any, source: str = "adapter_config.json", error: type[Exception] = AdapterLoadError,
+                            hint: str = "fix the file or re-save the adapter") -> None:
+    """Raise `error` naming `source` and the key if `data` is not a sane adapter config."""
 
     def fail(key: str, what: str, value: Any = ...) -> None:
         shown = "" if value is ... else f", got {_short(value)}"
-        raise AdapterLoadError(f"{source}: {key} must be {what}{shown}; fix the file or re-save the adapter")
+        raise error(f"{source}: {key} must be {what}{shown}; {hint}")
 
     if not isinstance(data, Mapping):
-        raise AdapterLoadError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{source} must hold a JSON object, got {type(data).__name__}")
     for key, value in data.items():
         if not isinstance(key, str):
             fail("every key", "a string", key)
@@ -111,6 +112,22 @@ def validate_adapter_config(data: Any, source: str = "adapter_config.json") -> N
         total = data.get("total_step")
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
             fail("total_step", "null or a non-negative integer", total)
+
+
+def check_config_fields(config: Any) -> None:
+    """The same checks on a LoraConfig's fields (ConfigError), so a mistyped value in Python or a
+    training YAML is refused by name instead of failing later inside the injection code."""
+    import dataclasses
+
+    from lorakit.errors import ConfigError
+
+    data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"}
+    for key in ("target_modules", "exclude_modules", "layers_pattern", "target_parameters", "modules_to_save"):
+        if isinstance(data.get(key), (set, tuple)):
+            data[key] = list(data[key])
+    if isinstance(data.get("layers_to_transform"), tuple):
+        data["layers_to_transform"] = list(data["layers_to_transform"])
+    validate_adapter_config(data, "LoRA config", error=ConfigError, hint="fix that value")
 
 
 def validate_adapter_tensors(tensors: Mapping[str, Any], source: str = "adapter_model.safetensors") -> None:

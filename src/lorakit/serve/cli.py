@@ -107,7 +107,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         app = build_app(args)
     except (ValueError, OSError, LorakitError, ServeError) as exc:
-        print(f"lorakit serve: {exc}", file=sys.stderr)
+        from lorakit.cli import one_line
+
+        print(f"lorakit serve: {one_line(exc)}", file=sys.stderr)
         return 2
     import uvicorn
 

@@ -71,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.cli import one_line
     from lorakit.errors import LorakitError
     from lorakit.generate import quiet_transformers
     from lorakit.train.config import load_config
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except LorakitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     from lorakit.train.trainer import train
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume, reporter=reporter)
     except LorakitError as exc:
         reporter.close()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     if main:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
