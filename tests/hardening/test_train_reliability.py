@@ -78,9 +78,10 @@ def test_stale_temporary_checkpoint_folders_are_removed_on_start(tmp_path):
 
 
 def test_max_length_beyond_the_models_positions_is_reported(tmp_path):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
     from lorakit.errors import ConfigError
     from lorakit.train.model_setup import check_max_length
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                                 max_position_embeddings=64, vocab_size=32))
