@@ -34,7 +34,7 @@ class Tally:
             _BAD.append(f"{area}: {outcome}: {detail}")
 
     def bad(self, area: str) -> list[str]:
-        return [b for b in _BAD if b.startswith(area + ":")]
+        return [b for b in _BAD if b.startswith(area)]
 
 
 @pytest.fixture(scope="session")

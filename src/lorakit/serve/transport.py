@@ -54,8 +54,11 @@ def protocol_class(header_timeout: float) -> type[H11Protocol]:
             waiting_for_request = self.cycle is None or self.cycle.response_complete
             if self.transport.is_closing() or not waiting_for_request:
                 return
-            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE and not self.conn.trailing_data[0]:
-                self.transport.close()  # an idle keep-alive connection: just close it
+            if self.conn.our_state is not h11.IDLE or (
+                    self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]):
+                # a response was already sent on this cycle (e.g. the app's 408 for a slow body), or an
+                # idle keep-alive connection: just close it
+                self.transport.close()
                 return
             self._send_json(408, "Request Timeout",
                             _error_body(f"the request line and headers did not arrive within {header_timeout:g} s",
