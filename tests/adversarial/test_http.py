@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_real_server_survives_the_attack_with_zero_bad_outcomes(setup, tally):
+def test_promise_every_error_is_an_openai_error_object_and_the_server_survives_an_attack(setup, tally):
     http, server, root, outside = setup["http"], setup["server"], setup["root"], setup["outside"]
     before = {m: greedy(http, m) for m in ("base", "a")}
     # the canary's own outputs, from a throwaway server-side name loaded legitimately (copied inside)

@@ -194,3 +194,23 @@ def test_in_root_symlinks_that_stay_inside_still_load(dirs, root):
         r = client.post("/v1/adapters", json={"name": "al", "path": "alias"}, headers=KEY)
         assert r.status_code == 200, r.text
         assert client.post("/v1/completions", json={**GREEDY, "model": "al"}).status_code == 200
+
+
+def test_promise_every_error_is_an_openai_error_object(dirs, root):
+    cases = [  # (method, path, kwargs, headers, status)
+        ("POST", "/v1/completions", {"json": GREEDY}, {}, 401),
+        ("POST", "/v1/completions", {"json": GREEDY}, {"Authorization": "Bearer wrong"}, 401),
+        ("POST", "/v1/completions", {"content": b"{nope"}, KEY, 400),
+        ("POST", "/v1/completions", {"json": {**GREEDY, "n": 2}}, KEY, 400),
+        ("POST", "/v1/completions", {"json": {**GREEDY, "model": "nope"}}, KEY, 404),
+        ("GET", "/v1/nothing", {}, KEY, 404),
+        ("GET", "/v1/completions", {}, KEY, 405),
+        ("POST", "/v1/adapters", {"json": {"name": "a", "path": "b"}}, KEY, 409),
+        ("POST", "/v1/adapters", {"json": {"name": "z", "path": "/etc"}}, KEY, 403),
+        ("POST", "/v1/completions", {"content": b"x" * (2 << 20)}, KEY, 413),
+        ("POST", "/v1/completions", {"json": {**GREEDY, "max_tokens": "many"}}, KEY, 422),
+        ("DELETE", "/v1/adapters/nope", {}, KEY, 404),
+    ]
+    with TestClient(make_app(dirs, root)) as client:
+        for method, path, kwargs, headers, status in cases:
+            assert_openai_error(client.request(method, path, headers=headers, **kwargs), status)
