@@ -63,3 +63,63 @@ def test_promise_failed_load_leaves_model_unchanged_across_generated_folders(goo
         if not same(before, snapshot(host)):  # delete must restore the base bit for bit (PiSSA)
             tally.record(area, "model_changed", f"{name} (after delete)")
     assert tally.bad(area) == []
+
+
+_OPENED: list[str] = []
+_AUDITING = {"on": False}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _AUDITING["on"] and event == "open" and args and isinstance(args[0], (str, bytes)):
+        _OPENED.append(args[0] if isinstance(args[0], str) else args[0].decode(errors="replace"))
+
+
+def test_promise_loads_only_under_adapter_root_python_api_with_open_audit(good, tmp_path, tally):
+    """Every escape attempt through `load_adapter(..., root=)` is refused, and the audit hook sees
+    no open() of any path inside the outside folder (0 reads outside the root)."""
+    import os
+    import shutil
+    import sys
+
+    sys.addaudithook(_audit)  # process-wide and permanent; only records while _AUDITING is on
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    shutil.copytree(good, outside)
+    shutil.copytree(good, root / "inside")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    (root / "filelinks").mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "filelinks" / f).symlink_to(outside / f)
+    (root / "weightlink").mkdir()
+    shutil.copy(good / "adapter_config.json", root / "weightlink")
+    (root / "weightlink" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    (root / "nested").mkdir()
+    (root / "nested" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (root / "inlink").symlink_to(root / "inside", target_is_directory=True)  # stays inside: allowed
+    attempts = {"dirlink": False, "filelinks": False, "weightlink": False, "nested/up/outside": False,
+                "../outside": False, str(outside): False, "inside": True, "inlink": True}
+    host = lorakit.get_lora_model(tiny_llama(0), lorakit.LoraConfig(r=2, target_modules=["k_proj"]))
+    area = "adapter-root escapes, python API"
+    real_outside = os.path.realpath(outside)
+    for i, (path, allowed) in enumerate(attempts.items()):
+        folder = root / path if not os.path.isabs(path) else path
+        _OPENED.clear()
+        _AUDITING["on"] = True
+        try:
+            host.load_adapter(folder, adapter_name=f"r{i}", root=root)
+            loaded = True
+        except LorakitError:
+            loaded = False
+        finally:
+            _AUDITING["on"] = False
+        outside_reads = [p for p in _OPENED if os.path.isabs(p) and os.path.realpath(p).startswith(real_outside)]
+        if outside_reads or (loaded and not allowed):
+            tally.record(area, "read_outside_root", f"{path}: {outside_reads}")
+        else:
+            tally.record(area, "served" if loaded else "refused", path)
+        if loaded:
+            host.delete_adapter(f"r{i}")
+            real_root = os.path.realpath(root)
+            if not any(os.path.isabs(p) and os.path.realpath(p).startswith(real_root) for p in _OPENED):
+                tally.record(area, "unclear", f"{path}: the audit hook saw no open() (it would miss reads too)")
+    assert tally.bad(area) == []
