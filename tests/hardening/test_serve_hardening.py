@@ -214,3 +214,48 @@ def test_promise_every_error_is_an_openai_error_object(dirs, root):
     with TestClient(make_app(dirs, root)) as client:
         for method, path, kwargs, headers, status in cases:
             assert_openai_error(client.request(method, path, headers=headers, **kwargs), status)
+
+
+def _pissa_folder(base_dir, folder):
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = lorakit.get_lora_model(base, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights="pissa"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.mul_(3.0)  # "trained": differs from the init, so the adapter changes outputs
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_server_failed_pissa_load_and_pissa_delete_leave_every_model_unchanged(dirs, root):
+    from safetensors.torch import load_file, save_file
+
+    good = _pissa_folder(dirs["base"], root / "pissa")
+    broken = root / "pissa-broken"
+    shutil.copytree(good, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    tensors.pop(sorted(tensors)[-1])
+    save_file(tensors, broken / "adapter_model.safetensors")
+    prompts = [{**GREEDY, "model": m, "max_tokens": 8} for m in ("base", "a")]
+    with TestClient(make_app(dirs, root), headers=KEY) as client:
+        host = client.app.state.registry.host
+        before = [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts]
+        weights = {k: v.clone() for k, v in host.base.state_dict().items()}
+
+        def unchanged() -> bool:
+            now = host.base.state_dict()
+            return now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items())
+
+        assert_openai_error(client.post("/v1/adapters", json={"name": "pb", "path": "pissa-broken"}), 400)
+        assert unchanged()
+        assert [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts] == before
+        assert client.post("/v1/adapters", json={"name": "p", "path": "pissa"}).status_code == 200
+        assert not unchanged()  # PiSSA rewrote the base to its residual while loaded
+        assert client.delete("/v1/adapters/p").status_code == 200
+        assert unchanged()  # bit for bit
+        assert [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts] == before
