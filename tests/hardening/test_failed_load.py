@@ -25,6 +25,7 @@ VARIANTS = {
     "pissa": dict(init_lora_weights="pissa"),
     "pissa_niter": dict(init_lora_weights="pissa_niter_2"),
     "dylora": dict(use_dylora=True),
+    "adalora": dict(peft_type="ADALORA"),
 }
 
 
@@ -49,7 +50,12 @@ def assert_same(before: dict, after: dict) -> None:
 
 
 def saved_adapter(tmp_path, variant: str, seed: int = 3):
-    cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **VARIANTS[variant])
+    if variant == "adalora":
+        from lorakit.variants import AdaLoraConfig
+
+        cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    else:
+        cfg = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **VARIANTS[variant])
     model = lorakit.get_lora_model(tiny_llama(seed), cfg)
     randomize_lora(model, seed)
     folder = tmp_path / f"{variant}-ok"
@@ -192,3 +198,20 @@ def test_non_finite_alpha_refused_in_python_api(tmp_path, alpha):
     (folder / "adapter_config.json").write_text(text)
     with pytest.raises(LorakitError, match="lora_alpha"):
         lorakit.LoraModel.from_pretrained(tiny_llama(0), folder)
+
+
+def test_pissa_on_a_4bit_base_delete_restores_the_packed_weights_bit_for_bit(tmp_path):
+    import warnings
+
+    plain = tiny_llama(0)
+    base = lorakit.quantize_model(plain, "nf4", double_quant=True) or plain
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    model = lorakit.get_lora_model(base, lorakit.LoraConfig(r=2, target_modules=["k_proj"]))
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the requantisation warning
+        model.add_adapter("p", lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    assert not torch.equal(model.state_dict()["model.model.layers.0.self_attn.q_proj.base.weight"],
+                           before["tensors"]["model.model.layers.0.self_attn.q_proj.weight"])
+    model.delete_adapter("p")
+    assert_same(before, snapshot(model))
