@@ -148,3 +148,21 @@ def test_real_process_prints_no_traceback(model_dirs, tmp_path):
                           "--max-shard-size", "lots"], capture_output=True, text=True, env=env_for_subprocess(),
                          timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("change", [{"target_modules": 5}, {"rank_pattern": [1]}, {"lora_alpha": "Infinity"}])
+def test_serve_with_a_mistyped_adapter_config_is_one_line(model_dirs, tmp_path, capsys, change):
+    import torch
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    config = json.loads((model_dirs["good"] / "adapter_config.json").read_text())
+    config.update(change)
+    (folder / "adapter_config.json").write_text(json.dumps(config).replace('"Infinity"', "Infinity"))
+    (folder / "adapter_model.safetensors").write_bytes((model_dirs["good"] / "adapter_model.safetensors").read_bytes())
+    threads = torch.get_num_threads()
+    try:
+        code, err = run(capsys, "serve", "--base", model_dirs["base"], "--adapter", f"x={folder}", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)
+    assert_one_line(code, err, next(iter(change)))
