@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # command name -> (module defining register(subparsers), one-line help for `lorakit --help`)
@@ -29,19 +30,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_FLAG = "--debug"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other lorakit error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported (None: every module, for tests and docs).
 
     Lazy imports keep `lorakit --help` fast and stop one command's missing optional dependency
     (e.g. the server's) from breaking the others.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lorakit",
         description="LoRA fine-tuning for PyTorch: train, inspect, merge and serve PEFT-format adapters.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"lorakit {version()}",
                         help="print lorakit's version and exit")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, show the full traceback instead of one line (anywhere on the line; "
+                             "or LORAKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = list(COMMANDS) if command == "*" else [command] if command in COMMANDS else []
     for name in wanted:
@@ -74,16 +95,39 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Any error is one line on stderr and a non-zero exit code, never a traceback
+    (``--debug`` anywhere on the command line, or LORAKIT_DEBUG=1, shows the traceback instead)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    debug = DEBUG_FLAG in argv or os.environ.get("LORAKIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    command = _command_in(argv)
+    prog = f"lorakit {command}" if command in COMMANDS else "lorakit"
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        from lorakit.errors import LorakitError
+
+        if isinstance(exc, (LorakitError, OSError)):
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        else:  # not one of ours: still one line, with the way to the details
+            print(f"{prog}: error: {type(exc).__name__}: {one_line(exc)} (run again with --debug for the traceback)",
+                  file=sys.stderr)
+        return 1
 
 
 def run_command(name: str, argv: list[str] | None = None) -> int:

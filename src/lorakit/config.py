@@ -97,6 +97,9 @@ class LoraConfig(metaclass=_KnownKeywords):
                 "target_modules is required: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']), "
                 "a regex string, or 'all-linear'"
             )
+        from lorakit.io.config_validation import check_config_fields
+
+        check_config_fields(self)  # every field's type and range, naming the key
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             _check_regex("target_modules", self.target_modules)
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):

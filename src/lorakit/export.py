@@ -13,6 +13,8 @@ config names) and has no LoRA modules left: inference costs exactly what the bas
   the merge happens in full precision; the report says so.
 * Atomic: everything is written to a temporary folder beside ``--out`` and renamed at the end, so a
   failure leaves no partial output (and an existing ``--out`` untouched unless ``--overwrite``).
+  Temporary folders a killed merge left behind are removed by the next merge into the same
+  ``--out`` (:func:`clean_stale`), and a previous ``--out`` caught mid-swap is put back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -69,7 +73,9 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     adapter_dirs = [Path(a) for a in adapter_dirs]
+    clean_stale(out_dir)  # first: a previous --out caught mid-swap by a kill is back before the checks
     _check_inputs(base_dir, adapter_dirs, out_dir, weights, dtype, overwrite)
+    max_shard_size = parse_size(max_shard_size)
 
     model, source_dtype, quant = load_base(base_dir)
     names = [f"adapter{i}" for i in range(len(adapter_dirs))]
@@ -102,14 +108,75 @@ def _check_inputs(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weigh
     for folder in adapter_dirs:
         if not (folder / "adapter_config.json").is_file():
             raise MergeError(f"--adapter {folder}: no adapter_config.json there; pass a PEFT-format adapter folder")
+        _check_adapter_folder(folder)
     if weights is not None and len(weights) != len(adapter_dirs):
         raise MergeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one each")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"--weights must be finite numbers, got {weights}")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if out_dir.exists() and not overwrite:
         raise MergeError(f"--out {out_dir} exists; remove it or pass --overwrite")
     if out_dir.resolve() in {base_dir.resolve(), *(a.resolve() for a in adapter_dirs)}:
         raise MergeError("--out must not be the base or an adapter folder")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'2GB' / '500MiB' / 1000000 -> bytes; MergeError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(value), re.IGNORECASE)
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]) if match else 0
+    if size <= 0:
+        raise MergeError(f"--max-shard-size must be a positive size such as 2GB, 500MB or 1GiB, got {value!r}")
+    return size
+
+
+def clean_stale(out_dir: Path) -> None:
+    """Remove what killed merges into `out_dir` left beside it (``.NAME.tmp-*`` / ``.NAME.old-*``).
+
+    A kill between moving the old ``--out`` aside and renaming the new one in leaves the old
+    checkpoint in ``.NAME.old-*/previous`` and no ``--out``: that one is put back, not deleted.
+    Folders of a merge still running (its pid in the name is alive) are left alone.
+    """
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    for stale in sorted(parent.glob(f".{out_dir.name}.old-*")) + sorted(parent.glob(f".{out_dir.name}.tmp-*")):
+        if not stale.is_dir() or _owner_alive(stale.name):
+            continue
+        previous = stale / "previous"
+        if previous.is_dir() and not out_dir.exists():
+            os.replace(previous, out_dir)
+            logger.warning("restored %s from an interrupted --overwrite merge", out_dir)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _owner_alive(name: str) -> bool:
+    match = re.search(r"\.(?:tmp|old)-(\d+)-", name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_adapter_folder(folder: Path) -> None:
+    """Refuse a broken adapter (types, ranges, NaN/inf, dtypes) before the base is loaded."""
+    from lorakit.io import read_adapter_folder
+    from lorakit.io.config_validation import validate_adapter_config, validate_adapter_tensors
+
+    config, tensors = read_adapter_folder(folder)
+    validate_adapter_config(config, str(folder / "adapter_config.json"))
+    validate_adapter_tensors(tensors, str(folder))
 
 
 def load_base(base_dir: Path):
@@ -200,7 +267,7 @@ def _dtype_name(dtype) -> str:
 def _write_atomically(model, base_dir: Path, out_dir: Path, max_shard_size: str | int, overwrite: bool,
                       report: MergeReport) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
     old = None
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
@@ -212,7 +279,7 @@ def _write_atomically(model, base_dir: Path, out_dir: Path, max_shard_size: str 
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         _fsync_tree(tmp)
         if out_dir.exists():  # --overwrite: move the old one aside, swap, then delete it
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-{os.getpid()}-"))
             os.replace(out_dir, old / "previous")
         os.replace(tmp, out_dir)
     except BaseException:
@@ -256,13 +323,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from lorakit.cli import one_line
     from lorakit.errors import LorakitError
 
     try:
         report = merge_to_checkpoint(args.base, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
                                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except (LorakitError, MergeError, OSError) as exc:
-        print(f"lorakit merge: {exc}", file=sys.stderr)
+    except (LorakitError, MergeError, OSError, ValueError) as exc:
+        print(f"lorakit merge: {one_line(exc)}", file=sys.stderr)
         return 2
     if report.dequantized_4bit:
         print(f"base is 4-bit ({report.dequantized_4bit}): dequantised to full precision, then merged")

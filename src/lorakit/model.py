@@ -23,6 +23,7 @@ from lorakit import arithmetic
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterLoadError, ConfigError
 from lorakit.io import read_adapter_folder, write_adapter_folder
+from lorakit.io.config_validation import check_adapter_size, validate_adapter_config, validate_adapter_tensors
 from lorakit.layers import LoraLayer, RowRouting, wrap_module
 from lorakit.layers.param import LoraParameter
 from lorakit.modules_to_save import TrainableCopies
@@ -36,7 +37,7 @@ from lorakit.targeting import (
     visible_modules,
 )
 from lorakit.trainable_tokens import TrainableTokens, add_trainable_tokens
-from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter
+from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter, teardown_adapter
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -103,6 +104,7 @@ class LoraModel(nn.Module):
             raise ConfigError(f"{both[0]!r} is targeted by target_modules and by target_parameters; PEFT nests a "
                               "parameter wrapper inside the LoRA layer there, which lorakit does not: target the "
                               "module or its parameter, not both")
+        check_adapter_size(self.model, self._target_shapes(modules, params, config))  # before any allocation
         self.peft_config[adapter_name] = config
         try:
             for path in modules:
@@ -122,6 +124,25 @@ class LoraModel(nn.Module):
             raise
         self._sync_wrappers()
         self._update_trainable(only=adapter_name)
+
+    def _target_shapes(self, modules: list[str], params: list[tuple[str, str]], config: LoraConfig):
+        """(path, rank, fan_in, fan_out) of every target, for the size bound."""
+        for path in modules:
+            module = self.model.get_submodule(path)
+            while isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+                module = module.base
+            if hasattr(module, "in_features") and hasattr(module, "out_features"):
+                fan_in, fan_out = int(module.in_features), int(module.out_features)
+            else:
+                weight = getattr(module, "weight", None)
+                shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else (0, 0)
+                fan_in, fan_out = int(torch.Size(shape[1:]).numel()), int(shape[0])
+            yield path, config.rank_for(path), fan_in, fan_out
+        for path, param_name in params:
+            key = f"{path}.{param_name}" if path else param_name
+            weight = self.model.get_parameter(key) if key in dict(self.model.named_parameters()) else None
+            shape = tuple(weight.shape) if weight is not None and weight.dim() >= 2 else (0, 0)
+            yield key, config.rank_for(key), int(torch.Size(shape[1:]).numel()), int(shape[0])
 
     def _sync_wrappers(self) -> None:
         """Newly wrapped layers take the model's current active set and enabled state."""
@@ -174,6 +195,8 @@ class LoraModel(nn.Module):
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         for module in list(self._wrappers()):
             if isinstance(module, LoraLayer) and adapter_name in module.adapters:
+                if adapter_name not in module.merged_adapters:
+                    teardown_adapter(module, module.adapters[adapter_name])  # PiSSA: base back bit for bit
                 module.delete_adapter(adapter_name)
             elif isinstance(module, TrainableCopies) and adapter_name in module.copies:
                 module.delete_adapter(adapter_name)
@@ -450,27 +473,53 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False) -> LoraModel:
-        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+                        is_trainable: bool = False, root: str | os.PathLike | None = None) -> LoraModel:
+        """Wrap `model` and load the adapter folder. If it fails, `model` is left exactly as it was
+        (weights bit for bit, requires_grad flags, modules).
+
+        root: read only files inside this folder (symlinks resolved and checked, no link followed
+        while opening), as ``lorakit serve --adapter-root`` does.
+        """
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         lora_model = cls.__new__(cls)
         nn.Module.__init__(lora_model)
-        lora_model._attach(model)
-        lora_model._load(adapter_name, config, tensors)
-        lora_model.set_adapter(adapter_name)
+        try:
+            lora_model._attach(model)
+            lora_model._load(adapter_name, config, tensors)
+            lora_model.set_adapter(adapter_name)
+        except BaseException:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
         return lora_model
 
-    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an adapter from a PEFT-format folder. A failed load leaves the model as it was."""
-        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable)
+    def load_adapter(self, adapter_dir: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     root: str | os.PathLike | None = None) -> None:
+        """Add an adapter from a PEFT-format folder. A failed load leaves the model exactly as it was.
+
+        root: as in :meth:`from_pretrained`.
+        """
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         self._load(adapter_name, config, tensors)
 
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
-        config = prepare_load(self, config, tensors)  # e.g. keeps a shared A only if the file agrees
-        self.add_adapter(name, config)
+        """add_adapter + copy the tensors, as one transaction: on failure everything is put back."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        active, disabled = list(self.active_adapters), self._disabled
         try:
+            config = prepare_load(self, config, tensors)  # e.g. keeps a shared A only if the file agrees
+            self.add_adapter(name, config)
             load_adapter_state_dict(self.model, name, tensors, config.bias)
         except BaseException:
-            self.delete_adapter(name)
+            if name in self.peft_config:
+                self.delete_adapter(name)  # unwraps new wrappers; PiSSA puts the base back bit for bit
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.active_adapters = active
+            self._set_disabled(disabled)
+            for module in self._wrappers():
+                module.active_adapters = list(active)
             raise
 
 
@@ -479,11 +528,15 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return LoraModel(model, config, adapter_name)
 
 
-def _read_config_and_tensors(adapter_dir, is_trainable: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    data, tensors = read_adapter_folder(adapter_dir)
+def _read_config_and_tensors(adapter_dir, is_trainable: bool,
+                             root=None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    data, tensors = read_adapter_folder(adapter_dir, root=root)
+    folder = Path(adapter_dir)
+    validate_adapter_config(data, str(folder / "adapter_config.json"))  # types and ranges, naming the key
+    validate_adapter_tensors(tensors, str(folder))  # float and finite, before anything is copied
     try:
         config = _config_from_dict(data)
-    except ConfigError as exc:
+    except (ConfigError, TypeError, ValueError) as exc:
         raise AdapterLoadError(f"{Path(adapter_dir) / 'adapter_config.json'}: {exc}") from None
     config.inference_mode = not is_trainable
     return config, tensors

@@ -8,6 +8,7 @@ legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -74,9 +75,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a PEFT-format adapter folder, or a clear AdapterLoadError."""
+def read_adapter_folder(folder: str | os.PathLike,
+                        root: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a PEFT-format adapter folder, or a clear AdapterLoadError.
+
+    root: read only files that lie inside this folder after resolving symlinks, opened without
+    following links (:mod:`lorakit.io.rooted`); a file or folder that leaves it is refused.
+    """
     folder = Path(folder)
+    if root is not None:
+        from lorakit.io.rooted import resolve_under
+
+        resolve_under(Path(root), folder)  # the folder itself; each file is checked again as it is read
     if not folder.is_dir():
         raise AdapterLoadError(f"{folder} is not a folder; pass the adapter folder that holds {CONFIG_NAME}")
     config_path = folder / CONFIG_NAME
@@ -85,29 +95,42 @@ def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict
         hint = f" It has adapter subfolders: {', '.join(subdirs)}." if subdirs else ""
         raise AdapterLoadError(f"{folder} is not an adapter folder: {CONFIG_NAME} is missing.{hint}")
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{config_path} is not valid JSON ({exc}); the file is corrupt") from None
+        config = json.loads(_read(config_path, root).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise AdapterLoadError(f"{config_path} is not valid JSON ({reason}); the file is corrupt") from None
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         try:
-            tensors = st_load(weights.read_bytes())
+            tensors = st_load(_read(weights, root))
         except (SafetensorError, ValueError, OSError) as exc:
+            if isinstance(exc, AdapterLoadError):
+                raise
             raise AdapterLoadError(
                 f"{weights} is truncated or corrupt ({exc}); re-save or re-download the adapter"
             ) from None
     elif (folder / LEGACY_WEIGHTS_NAME).is_file():
+        legacy = folder / LEGACY_WEIGHTS_NAME
+        data = _read(legacy, root)
         try:
-            tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for bad pickles
             raise AdapterLoadError(
-                f"{folder / LEGACY_WEIGHTS_NAME} could not be read safely ({type(exc).__name__}: {exc}); "
+                f"{legacy} could not be read safely ({type(exc).__name__}: {exc}); "
                 "lorakit never unpickles arbitrary objects — convert it to safetensors"
             ) from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise AdapterLoadError(f"{folder / LEGACY_WEIGHTS_NAME} does not hold a dict of tensors")
+            raise AdapterLoadError(f"{legacy} does not hold a dict of tensors")
     else:
         raise AdapterLoadError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete")
     return config, tensors
+
+
+def _read(path: Path, root: str | os.PathLike | None) -> bytes:
+    if root is None:
+        return path.read_bytes()
+    from lorakit.io.rooted import read_bytes_under
+
+    return read_bytes_under(Path(root), path)

@@ -1,7 +1,9 @@
 """Admin routes: load and unload adapters while serving.
 
 Always behind the API key (refused with 403 when the server has none). Loads only from under
-``--adapter-root`` (symlinks resolved first, so a link can't point outside); the load itself runs
+``--adapter-root``: checked when the request comes in, and again on every (re)load, with each file
+opened from the root without following symlinks (:mod:`lorakit.io.rooted`), so a folder swapped
+for a link after registration can't smuggle in an outside adapter. The load itself runs
 on the engine's worker thread between decode steps, so running requests are never disturbed.
 """
 
@@ -32,9 +34,10 @@ def add_admin_routes(app: FastAPI, engine: Engine, registry: AdapterRegistry, se
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
         check_key(request, settings, admin=True)
-        req = parse(P.AdapterLoadRequest, await read_json(request, settings.max_body_bytes))
+        req = parse(P.AdapterLoadRequest, await read_json(request, settings.max_body_bytes, settings.body_timeout))
         path = registry.check_new(req.name, req.path)
-        loaded = await on_worker(lambda: registry.add(req.name, path, load=req.load, pinned=engine.pinned()))
+        loaded = await on_worker(lambda: registry.add(req.name, path, load=req.load, pinned=engine.pinned(),
+                                                            rooted=True))
         return {"id": req.name, "object": "adapter", "path": str(path), "loaded": loaded}
 
     @app.delete("/v1/adapters/{name}")

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.bridge import Generation
 from lorakit.serve.engine import Engine, GenerationEvent
-from lorakit.serve.errors import BadRequest, InvalidParams, NotFound, ServeError
+from lorakit.serve.errors import BadRequest, EngineUnavailable, InvalidParams, NotFound, ServeError
 from lorakit.serve.generation import SamplingError, SamplingParams
 from lorakit.serve.http import ServeSettings, check_key, error_response, parse, read_json, sse
 from lorakit.serve.registry import AdapterRegistry
@@ -49,6 +49,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="lorakit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.registry = engine, registry  # for tests and embedding applications
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
@@ -128,6 +129,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
+        if not engine.alive:  # the worker is gone: every request would time out
+            return error_response(EngineUnavailable("the generation engine is not running; restart the server"))
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -151,7 +154,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
     @app.post("/v1/completions")
     async def completions(request: Request):
         check_key(request, settings)
-        req = parse(P.CompletionRequest, await read_json(request, settings.max_body_bytes))
+        req = parse(P.CompletionRequest, await read_json(request, settings.max_body_bytes, settings.body_timeout))
         adapter = registry.resolve(req.model)
         params = sampling(req, req.max_tokens, default=16)
         prompts = completion_prompts(req.prompt)
@@ -171,7 +174,8 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request, settings)
-        req = parse(P.ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
+        req = parse(P.ChatCompletionRequest, await read_json(request, settings.max_body_bytes,
+                                                              settings.body_timeout))
         adapter = registry.resolve(req.model)
         params = sampling(req, req.max_completion_tokens or req.max_tokens, default=settings.max_tokens_cap)
         ids = chat_prompt(req.messages)

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before a 408")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's headers, and again for its body, to arrive (408 beyond)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--served-model-name", help="the base model's id in the API (default: the --base folder name)")
@@ -90,7 +92,8 @@ def build_app(args: argparse.Namespace):
         registry.add(name, folder, load=i < args.max_adapters)  # the rest load on first use
     engine = Engine(host, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
     settings = ServeSettings(base_name=base_name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
-                             max_tokens_cap=args.max_tokens_cap, request_timeout=args.request_timeout)
+                             max_tokens_cap=args.max_tokens_cap, request_timeout=args.request_timeout,
+                             body_timeout=getattr(args, "body_timeout", 30.0))
     return create_app(engine, registry, tokenizer, settings)
 
 
@@ -104,12 +107,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         app = build_app(args)
     except (ValueError, OSError, LorakitError, ServeError) as exc:
-        print(f"lorakit serve: {exc}", file=sys.stderr)
+        from lorakit.cli import one_line
+
+        print(f"lorakit serve: {one_line(exc)}", file=sys.stderr)
         return 2
     import uvicorn
 
+    from lorakit.serve.transport import protocol_class
+
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 (models: GET /v1/models)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    # our h11 protocol: slow headers time out, malformed HTTP gets an OpenAI error object
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                http=protocol_class(args.body_timeout), timeout_keep_alive=5)
     return 0
 
 

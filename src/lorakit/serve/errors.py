@@ -77,3 +77,9 @@ class EngineError(ServeError):
     """The model failed on this request (e.g. non-finite logits from a broken adapter)."""
 
     status, type, code = 500, "server_error", "generation_failed"
+
+
+class EngineUnavailable(ServeError):
+    """The generation worker is not running (``/health`` says so instead of answering ok)."""
+
+    status, type, code = 503, "server_error", "engine_unavailable"

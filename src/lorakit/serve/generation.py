@@ -62,12 +62,26 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    """One draw from softmax(logits / temperature), cut to the top-p nucleus.
+
+    Safe for every value the schema accepts: the logits are shifted so the largest is 0 before
+    dividing (so a temperature of 1e-45 gives -inf, never inf − inf = NaN) and the work is in
+    float64 (a top_p of 1e-300 is not rounded to 0); the most likely token always survives, and a
+    distribution that still can't be sampled falls back to it.
+    """
+    scaled = logits.double()
+    scaled = (scaled - scaled.max()) / temperature  # (V,) ≤ 0; the argmax is exactly 0
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs[before >= top_p] = 0.0  # the top token always stays (its `before` is 0)
+        drop = before >= top_p
+        drop[0] = False  # the top token always stays
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    total = float(probs.sum())
+    if not (total > 0 and torch.isfinite(probs).all()):
+        return int(scaled.argmax())
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

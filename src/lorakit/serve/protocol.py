@@ -12,31 +12,32 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from lorakit.serve.errors import BadRequest
 
-Number = float
+# strict: true / "4" are type errors (422), not 1 / 4 — a client sending them has a bug to hear about
+Number = StrictFloat | StrictInt
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: Number = Field(default=1.0, ge=0, le=2)
     top_p: Number = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
+    n: StrictInt = Field(default=1, ge=1)
+    stream: StrictBool = False  # "yes" / 1 are refused, not read as true
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     stream_options: dict[str, Any] | None = None
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
     logprobs: Any = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,9 +62,9 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    echo: bool = False
-    best_of: int | None = None
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(min_length=1)
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     def check_supported(self) -> None:
@@ -94,7 +95,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -110,7 +111,7 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     path: str
-    load: bool = True  # False: register only; loaded on first use
+    load: StrictBool = True  # False: register only; loaded on first use
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.io.rooted import OutsideRootError
 from lorakit.serve.engine.host import ModelHost
 from lorakit.serve.errors import BadRequest, Conflict, ModelNotFound, NotFound, PermissionDenied
 
@@ -90,6 +91,7 @@ class AdapterRegistry:
         self._mixtures: dict[str, Mixture] = {}
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU order: oldest first (worker thread)
         self._stale: set[str] = set()  # deleted while in use: unloaded once no row uses them
+        self._rooted: set[str] = set()  # loaded at runtime: every (re)load reads only under root
         self.loads = 0  # adapter loads from disk so far (tests and metrics)
 
     # ------------------------------------------------------------------ any thread
@@ -145,8 +147,15 @@ class AdapterRegistry:
         return resolved
 
     # ------------------------------------------------------------------ worker thread
-    def add(self, name: str, path: Path, load: bool = True, pinned: frozenset[str] = frozenset()) -> bool:
-        """Register `name`; load it now if `load` (errors unregister it again). Returns loaded?"""
+    def add(self, name: str, path: Path, load: bool = True, pinned: frozenset[str] = frozenset(),
+            rooted: bool = False) -> bool:
+        """Register `name`; load it now if `load` (errors unregister it again). Returns loaded?
+
+        rooted: the folder came from an admin request, so every read of it (now and on each later
+        reload) is re-checked against --adapter-root and opened without following symlinks.
+        """
+        if rooted and self.root is None:
+            raise PermissionDenied("loading adapters at runtime is disabled: start the server with --adapter-root")
         with self._lock:
             if name in self._known:
                 if self._known[name] == Path(path):
@@ -157,6 +166,10 @@ class AdapterRegistry:
                 raise Conflict(f"adapter {name!r} was deleted but running requests still use it; retry shortly",
                                param="name")
             self._known[name] = Path(path)
+            if rooted:
+                self._rooted.add(name)
+            else:
+                self._rooted.discard(name)
         if name in self._stale:  # deleted earlier, still in memory: drop the old weights first
             self._unload(name)
             self._stale.discard(name)
@@ -167,6 +180,7 @@ class AdapterRegistry:
         except BaseException:
             with self._lock:
                 self._known.pop(name, None)
+                self._rooted.discard(name)
             raise
 
     def remove(self, name: str, pinned: frozenset[str]) -> None:
@@ -175,6 +189,7 @@ class AdapterRegistry:
             if name not in self._known:
                 raise NotFound(f"no adapter named {name!r}", param="name", code="adapter_not_found")
             del self._known[name]
+            self._rooted.discard(name)
             dropped = [k for k, m in self._mixtures.items() if name in m.components]
             for key in dropped:
                 del self._mixtures[key]
@@ -225,12 +240,15 @@ class AdapterRegistry:
                 self._loaded.move_to_end(name)
                 return
             path = self._known.get(name)
+            root = self.root if name in self._rooted else None
         if path is None:
             raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
         self._evict(protected, room_for=1)
         try:
-            self.host.load(name, path)
-        except (LorakitError, OSError, ValueError, KeyError) as exc:
+            self.host.load(name, path, root=root)
+        except OutsideRootError as exc:
+            raise PermissionDenied(f"adapter {name!r}: {exc}", param="path", code="path_outside_root") from None
+        except (LorakitError, OSError, ValueError, KeyError, TypeError) as exc:
             raise BadRequest(f"adapter {name!r} failed to load from {path}: {exc}", code="adapter_load_failed") from None
         self.loads += 1
         with self._lock:

@@ -2,7 +2,10 @@
 
 A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>/`` (every file fsynced), then renamed
 to ``step-N`` in one ``os.replace``. A ``kill -9`` at any moment leaves at most a ``.tmp-*``
-folder, which the next run deletes; every ``step-N`` folder is whole. Contents:
+folder, which the next run deletes; every ``step-N`` folder is whole. Deleting goes the same way
+in reverse: an old checkpoint is first renamed to ``.del-step-N-<pid>`` (one atomic rename, fsynced)
+and only then removed, so a kill while pruning leaves a hidden folder the next run deletes, never
+a half-deleted ``step-N``. Contents:
 
 * ``adapter/``: the PEFT-format adapter (usable on its own);
 * ``trainable.safetensors``: every trainable tensor by parameter name, for an exact resume;
@@ -59,7 +62,7 @@ def remove_partial(run_dir: Path) -> int:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return 0
-    partial = [c for c in root.iterdir() if c.name.startswith((".tmp-", ".old-"))]
+    partial = [c for c in root.iterdir() if c.name.startswith((".tmp-", ".old-", ".del-"))]
     for child in partial:
         shutil.rmtree(child, ignore_errors=True)
     return len(partial)
@@ -99,9 +102,19 @@ def prune_checkpoints(run_dir: Path, keep_last: int, protect: set[int]) -> list[
     """Delete all but the newest `keep_last` checkpoints, never those in `protect` (the best)."""
     found = list_checkpoints(run_dir)
     doomed = [(s, p) for s, p in found[: max(len(found) - keep_last, 0)] if s not in protect]
-    for _, path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in doomed:
+        remove_checkpoint(path, step)
     return [s for s, _ in doomed]
+
+
+def remove_checkpoint(path: Path, step: int) -> None:
+    """Rename away first (atomic: the checkpoint is gone whole), then delete the hidden folder."""
+    trash = path.parent / f".del-step-{step}-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    fsync_path(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def check_run_dir(run_dir: Path, need_bytes: int) -> None:

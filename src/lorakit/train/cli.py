@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.cli import one_line
     from lorakit.errors import LorakitError
     from lorakit.generate import quiet_transformers
     from lorakit.train.config import load_config
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except LorakitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     try:  # importing torch and transformers takes seconds: a Ctrl-C then is no traceback either
         from lorakit.train.interrupt import TrainingInterrupted
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         return exc.exit_code
     except LorakitError as exc:
         reporter.close()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     if main:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())

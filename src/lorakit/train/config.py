@@ -120,6 +120,13 @@ class TrainSection(_Section):
     keep_last: int = Field(3, ge=1, description="checkpoints kept (the best one is always kept besides)")
     eval_batch_size: int | None = Field(None, ge=1, description="examples per eval batch (default: 2 × batch_size)")
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each AdamW beta must be in [0, 1), e.g. [0.9, 0.999]; got {list(value)}")
+        return value
+
     @model_validator(mode="after")
     def _steps_known(self) -> TrainSection:
         if self.warmup_steps and self.warmup_ratio:
@@ -243,7 +250,7 @@ def lora_config_from(data: dict[str, Any]) -> LoraConfig:
         raise ConfigKeyError(f"lora.{unknown[0]} is not a {cls.__name__} field{guess}; allowed: {', '.join(allowed)}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except (TypeError, AttributeError) as exc:
         raise ConfigError(f"lora: {exc}") from None
 
 
@@ -260,6 +267,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as exc:
             raise ConfigError(yaml_error_message(path, exc)) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text (a binary file?); a config is a YAML text file") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections (model, quant, lora, data, train), got {raw!r}")
     raw = _deep_copy(raw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,16 @@ def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None
         num_labels = cfg.model.num_labels or len(labels or [])
         if labels and num_labels < len(labels):
             raise ConfigError(f"model.num_labels={num_labels} is fewer than the {len(labels)} labels {labels}")
-    base = load_base(cfg.model.name_or_path, task, num_labels, cfg.model.torch_dtype, cfg.model.overrides,
-                     cfg.train.seed)
+    try:
+        base = load_base(cfg.model.name_or_path, task, num_labels, cfg.model.torch_dtype, cfg.model.overrides,
+                         cfg.train.seed)
+    except Exception as exc:  # transformers' config validators raise several types
+        if not cfg.model.overrides or isinstance(exc, ConfigError):
+            raise
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model.overrides {cfg.model.overrides}: the model can't be built with these values "
+                          f"({message}); fix or remove them") from None
+    check_max_length(cfg.data.max_length, base)
     if run_dir is not None and cfg.model.name_or_path == "tiny-llama":
         from lorakit.train.presets import byte_tokenizer
 
@@ -84,6 +93,20 @@ def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
     return model
+
+
+def check_max_length(max_length: int, base: torch.nn.Module) -> None:
+    """data.max_length beyond the positions the model has: an error for learned position tables
+    (the lookup would fail mid-run), a warning for rotary models (they run, untrained that far)."""
+    limit = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or max_length <= limit:
+        return
+    learned = any(name.endswith(("position_embeddings", "wpe")) for name, _ in base.named_modules())
+    message = (f"data.max_length={max_length} exceeds the model's {limit} positions "
+               f"(config.max_position_embeddings); set data.max_length ≤ {limit}")
+    if learned:
+        raise ConfigError(message)
+    warnings.warn(message + " — longer examples run on positions the model never saw", stacklevel=2)
 
 
 def base_reference(cfg: TrainConfig, run_dir: Path) -> str:

@@ -144,14 +144,30 @@ def read_records(path: str, fmt: str = "auto", on_bad_record: str = "error", tex
 
 
 def _read_jsonl(file: Path):
-    with file.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    """(where, record, parse error) per non-blank line; a line that is not UTF-8 or is nested too
+    deeply is a bad record (skippable), a file that is not UTF-8 text at all is a DataError."""
+    with file.open("rb") as fh:
+        head = fh.read(4096)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+            kind = "UTF-16" if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[1:2] == b"\x00" else "binary"
+            raise DataError(f"{file} is not UTF-8 text (it looks {kind}); JSONL data must be UTF-8, one JSON "
+                            "object per line — convert it (e.g. iconv -f UTF-16 -t UTF-8)")
+        fh.seek(0)
+        for number, raw in enumerate(fh, start=1):
+            where = f"{file}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, None, f"not valid UTF-8 (byte {exc.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"{file}:{number}", json.loads(line), None
+                yield where, json.loads(line), None
             except json.JSONDecodeError as exc:
-                yield f"{file}:{number}", None, f"bad JSON ({exc.msg} at column {exc.colno})"
+                yield where, None, f"bad JSON ({exc.msg} at column {exc.colno})"
+            except RecursionError:
+                yield where, None, "JSON nested too deeply"
 
 
 def _read_csv(file: Path, label_field: str):

@@ -296,7 +296,7 @@ class Trainer:
             plot_losses(self.metrics.records, run_dir / "loss.png", title=str(run_dir.name))
         self.plotted = time.perf_counter()
 
-    def _evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self, step: int, record: bool = True) -> dict[str, float]:
         tc = self.cfg.train
         metrics = evaluate(self.model, self.data.eval or [], tc.eval_batch_size or 2 * tc.batch_size,
                            pad_id(self.tokenizer), self.num_labels, self.info, tc.dtype)
@@ -305,7 +305,8 @@ class Trainer:
         if best is None or better(metrics[key], best["value"]) != best["value"]:
             self.state["best"] = {"step": step, "metric": key, "value": metrics[key]}
         self.last_eval = (step, metrics)
-        self._record({"step": step, **metrics})
+        if record:
+            self._record({"step": step, **metrics})
         self.reporter.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
@@ -356,7 +357,11 @@ class Trainer:
         final: dict[str, float] = {}
         if self.data.eval:
             done = self.last_eval is not None and self.last_eval[0] == total_steps
-            final = self.last_eval[1] if done else self._evaluate(total_steps)  # type: ignore[index]
+            # a resumed finished run evaluates again (same numbers) but must not log the line twice
+            logged = self.metrics is not None and any(
+                r.get("step") == total_steps and any(str(k).startswith("eval_") for k in r)
+                for r in self.metrics.records)
+            final = self.last_eval[1] if done else self._evaluate(total_steps, record=not logged)  # type: ignore[index]
         if self.info.is_main:
             write_final(self.model, self.tokenizer, self.cfg, self.data, run_dir)
             self._plot(run_dir)

@@ -40,7 +40,7 @@ from lorakit.variants.dora import DoraAdapter
 from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
 from lorakit.variants.lora_bias import LoraBiasAdapter
 from lorakit.variants.olora import olora_init, orthogonal_init
-from lorakit.variants.pissa import pissa_init
+from lorakit.variants.pissa import pissa_init, restore_base
 from lorakit.variants.shared_a import SharedAAdapter
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "prepare_load",
     "set_rank",
     "setup_adapter",
+    "teardown_adapter",
     "training_hooks",
 ]
 
@@ -94,6 +95,11 @@ def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) ->
     elif init == "orthogonal":
         orthogonal_init(layer, adapter)
     adapter.setup(layer, config)
+
+
+def teardown_adapter(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    """Undo what setup_adapter did to the layer itself (PiSSA's residual in the base weight)."""
+    restore_base(layer, adapter)
 
 
 def prepare_load(model: torch.nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:

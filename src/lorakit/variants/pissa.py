@@ -9,8 +9,11 @@ PEFT's exact conventions (``pissa_init`` in peft/tuners/lora/layer.py), includin
 the folder is a plain LoRA folder whose config says ``init_lora_weights="pissa"``, and loading
 it re-runs the init on the *original* base (same residual) before the trained factors are copied.
 
-Deleting a PiSSA adapter leaves the residual in the base (as in PEFT); :func:`to_lora_factors`
-gives the equivalent rank-2r plain LoRA relative to the original W0 (PEFT's
+Deleting a PiSSA adapter (or a failed load of one) puts the base back bit for bit: the init keeps
+the layer's original weight (one copy per targeted layer; for a 4-bit base the packed weight and
+its quant state) and :func:`restore_base` writes it back — PEFT leaves the residual in the base,
+which silently changes every other adapter and the base outputs. :func:`to_lora_factors` gives the
+equivalent rank-2r plain LoRA relative to the original W0 (PEFT's
 ``path_initial_model_for_weight_conversion``), which needs no change to the base.
 """
 
@@ -57,7 +60,44 @@ def pissa_init(layer: LoraLayer, adapter: LoraAdapter, mode: str) -> None:
     adapter.register_buffer("pissa_a0", adapter.lora_a.detach().clone(), persistent=False)
     adapter.register_buffer("pissa_b0", adapter.lora_b.detach().clone(), persistent=False)
     residual_change = -((s * lora_b) @ lora_a)  # PEFT's order: W − (s·B)·A
+    # not a buffer: never saved, counted or moved; the exact pre-init base, for restore_base
+    adapter.__dict__["_pissa_original"] = _base_snapshot(layer)
     layer.add_to_base_weight(residual_change.T if layer.fan_in_fan_out else residual_change)
+
+
+def _base_snapshot(layer: LoraLayer) -> tuple:
+    """References to the base's own tensors (and a 4-bit quant state) plus copies of their values:
+    a 4-bit base replaces its packed weight when the residual is added, a dense one mutates it."""
+    base = layer.base
+    own = list(base.named_parameters(recurse=False)) + list(base.named_buffers(recurse=False))
+    tensors = {name: (ref, ref.detach().clone()) for name, ref in own}
+    return tensors, getattr(base, "quant_state", None)
+
+
+@torch.no_grad()
+def restore_base(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    """Undo the PiSSA residual this adapter wrote into the base, bit for bit.
+
+    Exact when no later PiSSA adapter on this layer rewrote the base since (the usual case: one
+    PiSSA adapter per layer); otherwise the residual is added back in fp32 (rounding-close).
+    """
+    saved = adapter.__dict__.pop("_pissa_original", None)
+    if saved is None:
+        return
+    later = list(layer.adapters.values())
+    later = later[later.index(adapter) + 1:] if adapter in later else []
+    if any("_pissa_original" in a.__dict__ for a in later) or layer.merged_adapters:
+        change = (adapter.scaling * adapter.pissa_b0) @ adapter.pissa_a0
+        layer.add_to_base_weight(change.T if layer.fan_in_fan_out else change)
+        return
+    tensors, quant_state = saved
+    base = layer.base
+    for name, (ref, value) in tensors.items():
+        ref.data = value  # the original storage contents, dtype and shape
+        table = base._parameters if name in base._parameters else base._buffers
+        table[name] = ref  # a 4-bit base had swapped in a new packed tensor
+    if quant_state is not None:
+        base.quant_state = quant_state
 
 
 def to_lora_factors(adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:

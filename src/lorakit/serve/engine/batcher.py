@@ -14,7 +14,10 @@ Scheduling (one loop iteration):
 
 Each row samples with its own ``torch.Generator`` (seeded per request), so a seeded request gives
 the same tokens however it is batched. Failures are confined: a request whose adapter fails to
-load gets an error event; a forward that raises fails the rows in that step and the loop goes on.
+load gets an error event; a forward that raises fails the rows in that step; sampling or
+detokenising that raises for one row fails that row's request alone; anything else that escapes
+an iteration fails the running rows and the loop goes on. The worker never dies on an exception
+(only on shutdown), and :attr:`Engine.alive` tells ``/health`` if it did anyway.
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (``/health`` reports 503 otherwise)."""
+        return self._thread.is_alive() and not self._closed
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._closed = True
@@ -152,11 +160,19 @@ class Engine:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
-                    except BaseException as exc:  # handed to the caller, who renders it
+                    except Exception as exc:  # handed to the caller, who renders it
                         future.set_exception(exc)
-            self._admit()
-            if self._rows:
-                self._step()
+            try:
+                self._admit()
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # a bug: fail what is running, keep serving
+                logger.exception("engine iteration failed; failing its %d running rows", len(self._rows))
+                self.stats.failures += 1
+                for row in self._rows:
+                    _emit(row.request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
+                self._rows, self._cache = [], BatchCache()
+                self.registry.collect(self.pinned())
         self._shutdown()
 
     def _admit(self) -> None:
@@ -225,15 +241,36 @@ class Engine:
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
         self.stats.max_adapters = max(self.stats.max_adapters, len(set(names)))
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        tokens = sample_rows(torch.nan_to_num(logits), [r.request.params for r in rows], [r.generator for r in rows])
+        tokens = self._sample_each(torch.nan_to_num(logits), rows)
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if not finite[i]:
                 _emit(row.request, GenerationEvent(error=EngineError("the model produced non-finite logits")))
-            elif not self._accept(row, token):
-                keep.append(i)
+                continue
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if not self._accept(row, token):
+                    keep.append(i)
+            except Exception as exc:  # this row's request fails; the others go on
+                logger.exception("row of request %s failed", row.request.request_id)
+                self.stats.failures += 1
+                _emit(row.request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
         if len(keep) < len(rows):
             self._keep(keep)
+
+    def _sample_each(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | Exception]:
+        """Next token per row; a row whose sampling raises gets the exception instead of a token."""
+        try:
+            return list(sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows]))
+        except Exception:  # find the guilty rows: each alone
+            out: list[int | Exception] = []
+            for i, row in enumerate(rows):
+                try:
+                    out.append(sample_rows(logits[i:i + 1], [row.request.params], [row.generator])[0])
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Take one sampled token; emit text; True when the row is finished."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from lorakit.errors import AdapterLoadError
 from lorakit.model import LoraModel
 
 logger = logging.getLogger(__name__)
+MAX_DELTA = 1e30  # bound on any ΔW entry a served adapter may have (fp32 overflows at 3.4e38)
 
 
 def load_base_model(base_dir: str | os.PathLike, dtype: str = "float32") -> nn.Module:
@@ -51,21 +53,31 @@ class ModelHost:
     def adapters(self) -> list[str]:
         return list(self.lora.peft_config) if self.lora is not None else []
 
-    def load(self, name: str, folder: str | os.PathLike) -> None:
-        """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails)."""
+    def load(self, name: str, folder: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+        """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails).
+
+        root: read only files inside it (see :mod:`lorakit.io.rooted`).
+        """
         if self.lora is None:
-            self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name)
+            self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name, root=root)
         else:
-            self.lora.load_adapter(folder, adapter_name=name)
-        if not self._finite(name):  # refuse it now rather than fail every request that uses it
+            self.lora.load_adapter(folder, adapter_name=name, root=root)
+        if not self._sane(name):  # refuse it now rather than fail every request that uses it
             self.lora.delete_adapter(name)
-            raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights")
+            raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights, or factors so large that "
+                                   f"scaling·B·A exceeds {MAX_DELTA:g} and would overflow the activations")
         logger.info("loaded adapter %s from %s", name, folder)
 
-    def _finite(self, name: str) -> bool:
+    def _sane(self, name: str) -> bool:
+        """Finite factors, and |scaling·B·A| ≤ scaling·‖B‖·‖A‖ (Frobenius, fp64) ≤ MAX_DELTA everywhere."""
         for layer in self.lora.lora_layers():
             adapter = layer.adapters[name] if name in layer.adapters else None
-            if adapter is not None and not all(bool(torch.isfinite(p).all()) for p in adapter.parameters()):
+            if adapter is None:
+                continue
+            if not all(bool(torch.isfinite(p).all()) for p in adapter.parameters()):
+                return False
+            bound = abs(adapter.scaling) * float(adapter.lora_a.double().norm()) * float(adapter.lora_b.double().norm())
+            if not math.isfinite(bound) or bound > MAX_DELTA:
                 return False
         return True
 
