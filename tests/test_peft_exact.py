@@ -209,11 +209,6 @@ def test_init_matches_peft_and_folders_roundtrip(init, tmp_path):
     lorakit_to_peft(tiny_llama, kwargs, IDS, tmp_path / "2")
 
 
-_restore = pytest.mark.skipif(not hasattr(lorakit.variants, "teardown_adapter"),
-                              reason="PiSSA's base restore (teardown_adapter) lands with the hardening branch")
-
-
-@_restore
 def test_olora_delete_and_failed_load_restore_the_base(tmp_path):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
