@@ -89,6 +89,8 @@ def validate_adapter_config(data: Any, source: str = "adapter_config.json", erro
             fail(key, "null or a string", data[key])
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = data.get(key, {})
+        if pattern is None and key == "rank_pattern" and adalora:
+            continue  # PEFT writes null for an AdaLoRA adapter that was never pruned
         if not isinstance(pattern, Mapping) or len(pattern) > MAX_ITEMS:
             fail(key, "an object mapping module-name patterns to values (or {})", pattern)
         for name, value in pattern.items():
