@@ -63,14 +63,17 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
                         out_dir: str | os.PathLike, weights: list[float] | None = None,
                         dtype: str | None = None, max_shard_size: str | int = "2GB",
                         overwrite: bool = False) -> MergeReport:
-    """Merge `adapter_dirs` into the base at `base_dir` and save a full checkpoint at `out_dir`.
+    """Merge `adapter_dirs` into the base `base_dir` (a folder, preset or hub id: lorakit.models.resolve_base)
+    and save a full checkpoint at `out_dir`.
 
     dtype: the saved weights' dtype (default: the base's own dtype; the merge itself is fp32).
     max_shard_size: passed to ``save_pretrained`` so large checkpoints are split into shards.
     """
     import torch
 
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    from lorakit.models import resolve_base
+
+    base_dir, out_dir = resolve_base(base_dir), Path(out_dir)  # a preset, a folder or a hub id
     adapter_dirs = [Path(a) for a in adapter_dirs]
     _check_inputs(base_dir, adapter_dirs, out_dir, weights, dtype, overwrite)
     merged, source_dtype, quant = merged_model(base_dir, adapter_dirs, weights)
@@ -93,8 +96,9 @@ def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathL
     from transformers import AutoConfig, AutoTokenizer
 
     from lorakit import gguf_export
+    from lorakit.models import resolve_base
 
-    base_dir, out_file = Path(base_dir), Path(out_file)
+    base_dir, out_file = resolve_base(base_dir), Path(out_file)  # a preset, a folder or a hub id
     adapter_dirs = [Path(a) for a in adapter_dirs]
     if out_file.suffix != ".gguf":
         raise MergeError(f"--out {out_file}: with --format gguf, --out is a file name ending in .gguf")
@@ -294,7 +298,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fold one or more LoRA adapters into the base weights (W + Σ w·ΔW) and write a full "
                     "safetensors checkpoint that loads with AutoModel*.from_pretrained, or with --format gguf one GGUF "
                     "file for llama.cpp / Ollama (Llama-family bases). Atomic: a failed merge leaves no output.")
-    p.add_argument("--base", required=True, help="base model folder (transformers checkpoint; 4-bit bnb format ok)")
+    p.add_argument("--base", required=True, help="base model: checkpoint folder (4-bit bnb format ok), preset "
+                   "(smollm2-135m-instruct, minilm) or Hugging Face id")
     p.add_argument("--adapter", required=True, action="append", help="PEFT-format adapter folder (repeatable)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default: 1 each)")
     p.add_argument("--out", required=True,

@@ -12,6 +12,8 @@ import time
 
 
 def register(subparsers) -> None:
+    from lorakit.cli import THREADS_HELP
+
     p = subparsers.add_parser(
         "bench",
         help="benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)",
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quick", action="store_true", help="fewer repeats, skip the wide model and the memory runs")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP + "; use 1 for ratios on a shared machine")
     p.add_argument("--only", nargs="*", default=None,
                    choices=["train", "wide", "memory", "inference", "loading", "nf4", "qlora", "decode", "serve"],
                    help="run only these sections (with --model: train, memory, qlora, decode, serve)")
