@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                    help="run only these sections (with --model: train, memory, qlora, decode, serve)")
     p.add_argument("--model", metavar="BASE",
                    help="benchmark this real causal LM instead of the random Llamas: a preset "
-                        "(smollm2-135m-instruct), checkpoint folder or hub id; all-linear r=16, batch 2 x 256 tokens, "
+                        "(smollm2-135m-instruct), checkpoint folder or hub id; all-linear r=16, batch 1 x 256 tokens, "
                         "32 greedy tokens per request")
     p.set_defaults(func=run)
 
