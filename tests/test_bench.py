@@ -67,7 +67,7 @@ def test_bench_model_runs_decode_and_serve_on_a_checkpoint_folder(tmp_path, monk
     assert main(["bench", "--model", str(base), "--only", "decode", "serve", "--threads", "1", "--quick",
                  "--json", str(out)]) == 0
     rows = {row["figure"]: row for row in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 6 and all(row["ours"] > 0 and row["reference"] > 0 for row in rows.values())
+    assert len(rows) == 8 and all(row["ours"] > 0 and row["reference"] > 0 for row in rows.values())
     mixed = next(row for name, row in rows.items() if "4 mixed adapters vs all rows on 1 adapter" in name)
     assert mixed["unit"] == "tok/s" and mixed["target"] == ">= 0.90"
 
