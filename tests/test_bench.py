@@ -15,7 +15,8 @@ def test_interleaved_runs_every_fn_in_rounds():
     fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b")}
     timings = core.interleaved(fns, repeats=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then A B A B A B
-    assert all(len(t.times) == 3 and t.min <= t.median for t in timings.values())
+    assert all(len(t.times) == len(t.cpu_times) == 3 and t.min <= t.median for t in timings.values())
+    assert all(0 <= t.cpu_min for t in timings.values())
 
 
 def test_row_ratio_and_targets():

@@ -104,8 +104,9 @@ def _real_plan(args: argparse.Namespace, repeats: int):
 def _print_row(row) -> None:
     met = {True: "met", False: "NOT met", None: ""}[row.met]
     fmt = {"s": "{:.4f}", "tok/s": "{:.1f}"}.get(row.unit, "{:.0f}")
+    wall = f"  (wall clock {row.wall_ratio:.3f})" if row.wall_ratio is not None else ""
     print(f"{row.figure:<68} {fmt.format(row.ours):>10} {row.unit} vs {fmt.format(row.reference):>10} "
-          f"({row.ref_name})  ratio {row.ratio:6.3f}  {row.target:>8} {met}", flush=True)
+          f"({row.ref_name})  ratio {row.ratio:6.3f}  {row.target:>8} {met}{wall}", flush=True)
 
 
 def _machine() -> str:

@@ -2,7 +2,9 @@
 
 Same rules as the random-Llama sections (:mod:`lorakit.bench.suite`): every ratio comes from two timings
 interleaved in one process (A B A B …, min over the repeats after a warm-up), peak RSS from fresh
-subprocesses. Sections:
+subprocesses. Timings are process CPU time (run with one torch thread): on a shared machine wall-clock
+ratios of these multi-second calls swung ±20% between runs, CPU time far less; the wall-clock ratio of the
+same calls is printed beside each. Sections:
 
 * ``train``: one LoRA step (all-linear r=16, AdamW) of lorakit vs PEFT vs the floor (the same forward +
   backward with every weight frozen), batch ``BATCH`` × ``SEQ`` random tokens;
@@ -32,6 +34,13 @@ from lorakit.bench.suite import Row, _bnb_quantize, one_thread
 BATCH, SEQ = 1, 256  # training batch: SEQ is the issue's; batch 1 keeps an fp32 step at a few seconds on 1 core
 NEW_TOKENS = 32  # generated per decode request (EOS ignored, so every run produces exactly this many)
 PROMPT = "What is the capital of France?"
+
+
+def _row(figure: str, t: dict, ours: str, ref: str, ref_name: str, target: str = "") -> Row:
+    """ours vs ref by min process CPU time (one torch thread: the work itself, little moved by other
+    processes), with the wall-clock ratio of the same calls alongside."""
+    return Row(figure, t[ours].cpu_min, t[ref].cpu_min, ref_name, target,
+               wall_ratio=t[ours].min / t[ref].min)
 
 
 def model_dir(name: str) -> Path:
@@ -67,9 +76,9 @@ def train_steps(path: Path, repeats: int) -> list[Row]:
     t = core.interleaved(fns, repeats)
     name = f"{_label(path)} train all-linear r=16, {BATCH}×{SEQ}"
     return [
-        Row(f"{name} vs floor", t["lorakit"].min, t["floor"].min, "floor", "<= 1.08"),
-        Row(f"{name} vs PEFT", t["lorakit"].min, t["peft"].min, "PEFT", "<= 0.90"),
-        Row(f"{name}: PEFT vs floor (reference)", t["peft"].min, t["floor"].min, "floor", ""),
+        _row(f"{name} vs floor", t, "lorakit", "floor", "floor", "<= 1.08"),
+        _row(f"{name} vs PEFT", t, "lorakit", "peft", "PEFT", "<= 0.90"),
+        _row(f"{name}: PEFT vs floor (reference)", t, "peft", "floor", "floor"),
     ]
 
 
@@ -146,8 +155,8 @@ def qlora_step(path: Path, repeats: int) -> list[Row]:
     theirs = core.peft_model(theirs, "all-linear")
     del base
     t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids)}, repeats)
-    return [Row(f"{_label(path)} QLoRA step (NF4+DQ) all-linear r=16, {BATCH}×{SEQ} vs PEFT + bitsandbytes",
-                t["ours"].min, t["theirs"].min, "PEFT+bnb", "<= 1.0")]
+    return [_row(f"{_label(path)} QLoRA step (NF4+DQ) all-linear r=16, {BATCH}×{SEQ} vs PEFT + bitsandbytes",
+                 t, "ours", "theirs", "PEFT+bnb", "<= 1.0")]
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -272,31 +281,36 @@ def decode_and_serve(path: Path, repeats: int, sections: tuple[str, ...] = ("dec
         finally:
             for engine in (eng_merged, eng_lora, eng_base):
                 engine.stop()
-    tokens = {name: rows_of[name] * n / t[name].min for name in jobs}  # generated tokens per second
+    # generated tokens per second of CPU time (one thread), and by wall clock
+    tokens = {name: rows_of[name] * n / t[name].cpu_min for name in jobs}
+    wall = {name: rows_of[name] * n / t[name].min for name in jobs}
+
+    def tok_row(figure: str, ours: str, ref: str, ref_name: str, target: str = "") -> Row:
+        return Row(figure, tokens[ours], tokens[ref], ref_name, target, "tok/s", wall[ours] / wall[ref])
 
     label = _label(path)
     out = []
     if "decode" in sections:
         ref = "HF generate base"
         out += [
-            Row(f"{label} greedy b1: lorakit merged (engine) vs HF generate on base", tokens["lorakit merged b1"],
-                tokens["hf base b1"], ref, "", "tok/s"),
-            Row(f"{label} greedy b1: lorakit unmerged r=16 (engine) vs HF generate on base",
-                tokens["lorakit unmerged b1"], tokens["hf base b1"], ref, "", "tok/s"),
-            Row(f"{label} greedy b1: PEFT unmerged r=16 (generate) vs HF generate on base (reference)",
-                tokens["peft unmerged b1"], tokens["hf base b1"], ref, "", "tok/s"),
-            Row(f"{label} greedy b4: lorakit 4 mixed adapters (engine) vs HF generate on base b4",
-                tokens["lorakit mixed b4"], tokens["hf base b4"], ref + " b4", "", "tok/s"),
-            Row(f"{label} greedy b4: lorakit 4 mixed adapters vs the engine on base b4 (LoRA's share)",
-                tokens["lorakit mixed b4"], tokens["lorakit base b4"], "engine base b4", "", "tok/s"),
-            Row(f"{label} greedy b4: lorakit engine on base vs HF generate on base (the loop's share)",
-                tokens["lorakit base b4"], tokens["hf base b4"], ref + " b4", "", "tok/s"),
+            tok_row(f"{label} greedy b1: lorakit merged (engine) vs HF generate on base",
+                    "lorakit merged b1", "hf base b1", ref),
+            tok_row(f"{label} greedy b1: lorakit unmerged r=16 (engine) vs HF generate on base",
+                    "lorakit unmerged b1", "hf base b1", ref),
+            tok_row(f"{label} greedy b1: PEFT unmerged r=16 (generate) vs HF generate on base (reference)",
+                    "peft unmerged b1", "hf base b1", ref),
+            tok_row(f"{label} greedy b4: lorakit 4 mixed adapters (engine) vs HF generate on base b4",
+                    "lorakit mixed b4", "hf base b4", ref + " b4"),
+            tok_row(f"{label} greedy b4: lorakit 4 mixed adapters vs the engine on base b4 (LoRA's share)",
+                    "lorakit mixed b4", "lorakit base b4", "engine base b4"),
+            tok_row(f"{label} greedy b4: lorakit engine on base vs HF generate on base (the loop's share)",
+                    "lorakit base b4", "hf base b4", ref + " b4"),
         ]
     if "serve" in sections:
         out += [
-            Row(f"{label} serving b8: 4 mixed adapters vs all rows on 1 adapter", tokens["serve mixed b8"],
-                tokens["serve single b8"], "1 adapter", ">= 0.90", "tok/s"),
-            Row(f"{label} serving b8: 4 mixed adapters vs base (no adapters)", tokens["serve mixed b8"],
-                tokens["serve base b8"], "base", "", "tok/s"),
+            tok_row(f"{label} serving b8: 4 mixed adapters vs all rows on 1 adapter",
+                    "serve mixed b8", "serve single b8", "1 adapter", ">= 0.90"),
+            tok_row(f"{label} serving b8: 4 mixed adapters vs base (no adapters)",
+                    "serve mixed b8", "serve base b8", "base"),
         ]
     return out
