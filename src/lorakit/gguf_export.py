@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,9 +101,8 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, gguf_type: s
     tok_meta = tokenizer_metadata(tokenizer, config.vocab_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # a fresh name the writer creates itself, so the file gets the usual umask permissions (mkstemp's are 0600)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
         _add_model_metadata(writer, config, gguf_type, name or path.stem)

@@ -3,6 +3,7 @@ GGUF loader to the same logits as the unmerged adapter."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,9 @@ def test_f32_gguf_reads_back_with_transformers_to_the_unmerged_logits(dirs, tmp_
     out = tmp_path / "merged.gguf"
     report = export.merge_to_gguf(dirs["base0"], [dirs["adapter0"]], out, gguf_type="f32")
     assert report.files == ["merged.gguf"] and report.gguf.tensors == 2 + 1 + 2 * 9  # embd, norm, head, 2 layers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's 0600
     back = _read_back(out)
     # lossless: the same weights as lorakit's own merge, bit for bit, so the same logits bit for bit
     assert torch.equal(_logits(back), _logits(export.merged_model(dirs["base0"], [dirs["adapter0"]])[0]))
