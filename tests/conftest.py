@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# CLI commands run in-process here pick their thread count like a user's would (lorakit.threads);
+# one thread keeps tiny test models fast on a shared CPU and the CLI's stderr free of the choice line
+os.environ.setdefault("LORAKIT_THREADS", "1")
 
 # LORAKIT_TEST_THREADS=1 (or 2) runs the whole suite at that intra-op thread count: no verdict may
 # depend on it (GEMMs split their reductions differently per thread count).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lorakit.bench import core, suite
 from lorakit.cli import main
 
@@ -13,7 +15,8 @@ def test_interleaved_runs_every_fn_in_rounds():
     fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b")}
     timings = core.interleaved(fns, repeats=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then A B A B A B
-    assert all(len(t.times) == 3 and t.min <= t.median for t in timings.values())
+    assert all(len(t.times) == len(t.cpu_times) == 3 and t.min <= t.median for t in timings.values())
+    assert all(0 <= t.cpu_min for t in timings.values())
 
 
 def test_row_ratio_and_targets():
@@ -43,3 +46,33 @@ def test_every_cli_command_registers_its_parser():
     assert set(choices) == set(COMMANDS)
     for name in COMMANDS:  # the real parser, not the placeholder: it has options of its own
         assert choices[name]._actions, name
+
+
+def test_bench_model_runs_decode_and_serve_on_a_checkpoint_folder(tmp_path, monkeypatch):
+    """--model with a (tiny) checkpoint folder: the real-model decode/serve figures come out, all positive."""
+    from factories import tiny_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.bench import real
+
+    monkeypatch.setattr(real, "NEW_TOKENS", 4)
+    words = ["[UNK]", "<pad>", "<s>", "</s>"] + "what is the capital of france ?".split()
+    core_tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core_tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    base = tmp_path / "base"
+    tiny_llama(0, eos_token_id=3, bos_token_id=2, pad_token_id=1).save_pretrained(base)
+    PreTrainedTokenizerFast(tokenizer_object=core_tok, unk_token="[UNK]", pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(base)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(base), "--only", "decode", "serve", "--threads", "1", "--quick",
+                 "--json", str(out)]) == 0
+    rows = {row["figure"]: row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8 and all(row["ours"] > 0 and row["reference"] > 0 for row in rows.values())
+    mixed = next(row for name, row in rows.items() if "4 mixed adapters vs all rows on 1 adapter" in name)
+    assert mixed["unit"] == "tok/s" and mixed["target"] == ">= 0.90"
+
+
+def test_bench_rejects_sections_that_do_not_fit_the_model_choice():
+    with pytest.raises(SystemExit, match="needs --model"):
+        main(["bench", "--only", "decode", "--threads", "1"])

@@ -3,6 +3,9 @@
     import lorakit
     cfg = lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     model = lorakit.get_lora_model(base_model, cfg)
+
+    base_model = lorakit.load_base("smollm2-135m-instruct", "causal_lm")   # a preset, folder or hub id
+    folder = lorakit.resolve_base("HuggingFaceTB/SmolLM2-135M")            # -> local checkpoint folder
 """
 
 from lorakit.config import LoraConfig
@@ -20,14 +23,21 @@ __all__ = [
     "LorakitError",
     "TargetModuleError",
     "get_lora_model",
+    "load_base",
     "quantize_model",
+    "resolve_base",
 ]
+
+_LAZY = {  # these pull in more code (transformers, the quantiser); import them only when asked for
+    "quantize_model": "lorakit.quant",
+    "resolve_base": "lorakit.models",
+    "load_base": "lorakit.train.presets",
+}
 
 
 def __getattr__(name: str):
-    # quant pulls in more code; import it only when asked for
-    if name == "quantize_model":
-        from lorakit.quant import quantize_model
+    if name in _LAZY:
+        import importlib
 
-        return quantize_model
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -14,6 +14,9 @@ import logging
 import os
 import sys
 
+THREADS_HELP = ("torch CPU threads (default: $LORAKIT_THREADS, else $OMP_NUM_THREADS, else min(physical cores, "
+                "CPUs the load average leaves idle), at least 1)")
+
 # command name -> (module defining register(subparsers), one-line help for `lorakit --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lorakit.bench.cli", "benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)"),
@@ -56,6 +59,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="lorakit",
         description="LoRA fine-tuning for PyTorch: train, inspect, merge and serve PEFT-format adapters.",
+        epilog="Every command takes --threads N: " + THREADS_HELP + ". The choice is printed on stderr.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"lorakit {version()}",
@@ -71,6 +75,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).register(sub)
             if name not in sub.choices:
                 raise RuntimeError(f"{module}.register() did not add the '{name}' command")
+            _add_threads_option(sub.choices[name])
     for name, (_, help_text) in COMMANDS.items():
         if name not in sub.choices:
             sub.add_parser(name, help=help_text, add_help=False)
@@ -88,6 +93,12 @@ def version() -> str:
         from lorakit import __version__
 
         return __version__
+
+
+def _add_threads_option(command: argparse.ArgumentParser) -> None:
+    """Every command takes --threads (commands that document their own keep theirs, default None)."""
+    if "--threads" not in command._option_string_actions:
+        command.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -111,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        from lorakit.threads import apply_threads
+
+        try:
+            choice = apply_threads(getattr(args, "threads", None))
+        except ValueError as exc:
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        args.threads = choice.threads
+        if choice.automatic:  # say what was picked for the user (stderr: --json output and pipes stay clean)
+            print(f"lorakit: {choice.threads} torch thread{'s' if choice.threads > 1 else ''} ({choice.reason}; "
+                  "change with --threads N or $LORAKIT_THREADS)", file=sys.stderr)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if debug:

@@ -15,6 +15,8 @@ config names) and has no LoRA modules left: inference costs exactly what the bas
   failure leaves no partial output (and an existing ``--out`` untouched unless ``--overwrite``).
   Temporary folders a killed merge left behind are removed by the next merge into the same
   ``--out`` (:func:`clean_stale`), and a previous ``--out`` caught mid-swap is put back.
+* ``--format gguf`` (:func:`merge_to_gguf`): the same merge written as one GGUF file for llama.cpp /
+  Ollama (Llama-family bases; f32, f16, bf16 or q8_0), see :mod:`lorakit.gguf_export`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 MERGE_INFO = "lorakit_merge.json"
+GGUF_TYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")  # lorakit.gguf_export.GGUF_TYPES (not imported: gguf is optional)
 
 
 class MergeError(ValueError):
@@ -56,26 +60,82 @@ class MergeReport:
     dtype: str
     dequantized_4bit: str | None = None  # e.g. "nf4 (double quant)" when the base was 4-bit
     files: list[str] = field(default_factory=list)
+    gguf: Any = None  # lorakit.gguf_export.GGUFReport for --format gguf
 
 
 def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike],
                         out_dir: str | os.PathLike, weights: list[float] | None = None,
                         dtype: str | None = None, max_shard_size: str | int = "2GB",
                         overwrite: bool = False) -> MergeReport:
-    """Merge `adapter_dirs` into the base at `base_dir` and save a full checkpoint at `out_dir`.
+    """Merge `adapter_dirs` into the base `base_dir` (a folder, preset or hub id: lorakit.models.resolve_base)
+    and save a full checkpoint at `out_dir`.
 
     dtype: the saved weights' dtype (default: the base's own dtype; the merge itself is fp32).
     max_shard_size: passed to ``save_pretrained`` so large checkpoints are split into shards.
     """
     import torch
 
-    from lorakit.model import LoraModel
+    from lorakit.models import resolve_base
 
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_dir, out_dir = resolve_base(base_dir), Path(out_dir)  # a preset, a folder or a hub id
     adapter_dirs = [Path(a) for a in adapter_dirs]
     clean_stale(out_dir)  # first: a previous --out caught mid-swap by a kill is back before the checks
     _check_inputs(base_dir, adapter_dirs, out_dir, weights, dtype, overwrite)
     max_shard_size = parse_size(max_shard_size)
+    merged, source_dtype, quant = merged_model(base_dir, adapter_dirs, weights)
+
+    out_dtype = dtype or source_dtype
+    merged = merged.to(getattr(torch, out_dtype))
+    merged.config.dtype = out_dtype
+    report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
+                         dtype=out_dtype, dequantized_4bit=quant)
+    _write_atomically(merged, base_dir, out_dir, max_shard_size, overwrite, report)
+    return report
+
+
+def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_file: str | os.PathLike,
+                  weights: list[float] | None = None, gguf_type: str = "f16", overwrite: bool = False) -> MergeReport:
+    """Merge `adapter_dirs` into a Llama-family base and write one GGUF file (llama.cpp / Ollama / transformers).
+
+    gguf_type: f32, f16, bf16 or q8_0 for the 2-D weights (norms stay f32). See :mod:`lorakit.gguf_export`.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lorakit import gguf_export
+    from lorakit.models import resolve_base
+
+    base_dir, out_file = resolve_base(base_dir), Path(out_file)  # a preset, a folder or a hub id
+    adapter_dirs = [Path(a) for a in adapter_dirs]
+    if out_file.suffix != ".gguf":
+        raise MergeError(f"--out {out_file}: with --format gguf, --out is a file name ending in .gguf")
+    _check_inputs(base_dir, adapter_dirs, out_file, weights, None, overwrite)
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise MergeError(f"--gguf-type must be one of {sorted(gguf_export.GGUF_TYPES)}, got {gguf_type!r}")
+    try:  # refuse before the (slow) merge: architecture and tokenizer are known from the base folder
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MergeError("--format gguf needs the gguf package: pip install gguf") from None
+    try:
+        gguf_export.check_exportable(AutoConfig.from_pretrained(base_dir))
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except gguf_export.GGUFExportError as exc:
+        raise MergeError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"--format gguf needs the base's tokenizer, and {base_dir} has none that loads ({exc}); "
+                         "copy tokenizer.json / tokenizer_config.json into the base folder") from None
+    merged, _, quant = merged_model(base_dir, adapter_dirs, weights)
+    try:
+        result = gguf_export.write_gguf(merged, tokenizer, out_file, gguf_type, name=base_dir.name)
+    except gguf_export.GGUFExportError as exc:
+        raise MergeError(str(exc)) from None
+    report = MergeReport(out_dir=out_file, adapters=[str(a) for a in adapter_dirs], weights=weights,
+                         dtype=gguf_type, dequantized_4bit=quant, files=[out_file.name], gguf=result)
+    return report
+
+
+def merged_model(base_dir: Path, adapter_dirs: list[Path], weights: list[float] | None = None):
+    """(base with the adapters folded in, fp32; the base checkpoint's dtype name; "nf4 ..." if it was 4-bit)."""
+    from lorakit.model import LoraModel
 
     model, source_dtype, quant = load_base(base_dir)
     names = [f"adapter{i}" for i in range(len(adapter_dirs))]
@@ -87,16 +147,9 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
         names = ["merged"]
     lora.set_adapter(names)
     merged = lora.merge_and_unload(names)
-
-    out_dtype = dtype or source_dtype
-    merged = merged.to(getattr(torch, out_dtype))
-    merged.config.dtype = out_dtype
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
-                         dtype=out_dtype, dequantized_4bit=quant)
-    _write_atomically(merged, base_dir, out_dir, max_shard_size, overwrite, report)
-    return report
+    return merged, source_dtype, quant
 
 
 def _check_inputs(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weights: list[float] | None,
@@ -310,13 +363,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge", help="merge adapters into the base and save a plain transformers checkpoint",
         description="Fold one or more LoRA adapters into the base weights (W + Σ w·ΔW) and write a full "
-                    "safetensors checkpoint that loads with AutoModel*.from_pretrained. Atomic: a failed merge "
-                    "leaves no output folder.")
-    p.add_argument("--base", required=True, help="base model folder (transformers checkpoint; 4-bit bnb format ok)")
+                    "safetensors checkpoint that loads with AutoModel*.from_pretrained, or with --format gguf one GGUF "
+                    "file for llama.cpp / Ollama (Llama-family bases). Atomic: a failed merge leaves no output.")
+    p.add_argument("--base", required=True, help="base model: checkpoint folder (4-bit bnb format ok), preset "
+                   "(smollm2-135m-instruct, minilm) or Hugging Face id")
     p.add_argument("--adapter", required=True, action="append", help="PEFT-format adapter folder (repeatable)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default: 1 each)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's)")
+    p.add_argument("--out", required=True,
+                   help="output folder (safetensors) or .gguf file (--format gguf); must not exist unless --overwrite")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors: a transformers checkpoint folder (default); gguf: one llama.cpp / Ollama file "
+                        "(Llama-family bases with a byte-level BPE tokenizer)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPE_CHOICES, default="f16",
+                   help="--format gguf: storage of the 2-D weights (default f16; norms stay f32)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's; safetensors only)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.set_defaults(func=_run)
@@ -327,14 +387,25 @@ def _run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
 
     try:
-        report = merge_to_checkpoint(args.base, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
-                                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        if args.format == "gguf":
+            if args.dtype:
+                raise MergeError("--dtype is for safetensors output; with --format gguf use --gguf-type")
+            report = merge_to_gguf(args.base, args.adapter, args.out, weights=args.weights, gguf_type=args.gguf_type,
+                                   overwrite=args.overwrite)
+        else:
+            report = merge_to_checkpoint(args.base, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (LorakitError, MergeError, OSError, ValueError) as exc:
         print(f"lorakit merge: {one_line(exc)}", file=sys.stderr)
         return 2
     if report.dequantized_4bit:
         print(f"base is 4-bit ({report.dequantized_4bit}): dequantised to full precision, then merged")
     weights = f" with weights {report.weights}" if report.weights else ""
+    if report.gguf is not None:
+        fallback = f", {len(report.gguf.fallback_f16)} tensor(s) kept f16" if report.gguf.fallback_f16 else ""
+        print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} (GGUF {report.dtype}, "
+              f"{report.gguf.tensors} tensors{fallback}, pre-tokenizer {report.gguf.pre_tokenizer!r})")
+        return 0
     print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}; "
           f"{', '.join(report.files)})")
     return 0

@@ -65,7 +65,7 @@ def test_full_queue_is_429(dirs):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--base", "/does/not/exist"], "no config.json"),
+    (["--base", "/does/not/exist"], "does not exist"),
     (["--adapter", "no-equals-sign"], "expected NAME=DIR"),
     (["--adapter", "x=/does/not/exist"], "no adapter_config.json"),
 ])

@@ -60,7 +60,8 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="per-layer norms, singular values and effective rank of an adapter")
     p.add_argument("adapter", help="PEFT-format adapter folder")
-    p.add_argument("--base", help="base model checkpoint folder (safetensors) for ‖ΔW‖/‖W0‖")
+    p.add_argument("--base", help="base model for ‖ΔW‖/‖W0‖: checkpoint folder (safetensors), preset "
+                   "(smollm2-135m-instruct, minilm) or Hugging Face id")
     p.add_argument("--plot", metavar="OUT.png", help="write spectra and norms per layer as a PNG")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--compare", metavar="OTHER", help="another adapter: per-layer cosine similarity of ΔW")
@@ -173,8 +174,8 @@ def _run_combine(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- plan
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="parameter counts and peak-memory estimate of a LoRA training run")
-    p.add_argument("--model", required=True, help="transformers checkpoint/config folder, or a preset: "
-                   "tiny-llama, minilm")
+    p.add_argument("--model", required=True, help="transformers checkpoint/config folder, a preset "
+                   "(tiny-llama, minilm, smollm2-135m-instruct) or a Hugging Face id (org/name)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--target", default="all-linear", help="'all-linear', comma-separated module-name suffixes "
                    "(q_proj,v_proj), or a regex matched against full module names")

@@ -173,7 +173,13 @@ def base_weight_norms(base: str | os.PathLike, names: list[str]) -> dict[str, fl
     """
     from safetensors import safe_open
 
-    folder = Path(base)
+    from lorakit.errors import ConfigError
+    from lorakit.models import resolve_base
+
+    try:
+        folder = resolve_base(base)  # a preset, a folder or a hub id
+    except ConfigError as exc:
+        raise CheckpointError(f"--base: {exc}") from None
     files = _checkpoint_files(folder) if folder.is_dir() else []
     if not files:
         raise CheckpointError(f"--base {folder} is not a checkpoint folder with *.safetensors weights")

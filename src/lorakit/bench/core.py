@@ -23,10 +23,16 @@ import torch
 class Timing:
     name: str
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time of the same calls
 
     @property
     def min(self) -> float:
         return min(self.times)
+
+    @property
+    def cpu_min(self) -> float:
+        """Min process CPU time: with one torch thread, the work itself, whatever the other processes do."""
+        return min(self.cpu_times)
 
     @property
     def median(self) -> float:
@@ -34,7 +40,7 @@ class Timing:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
-    """Run each fn `warmup` times, then `repeats` rounds of all fns in turn; wall time per call."""
+    """Run each fn `warmup` times, then `repeats` rounds of all fns in turn; wall and CPU time per call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -42,9 +48,10 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             out[name].times.append(time.perf_counter() - t0)
+            out[name].cpu_times.append(time.process_time() - c0)
     return out
 
 

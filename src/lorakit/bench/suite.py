@@ -20,6 +20,7 @@ class Row:
     ref_name: str
     target: str  # e.g. "<= 1.08"
     unit: str = "s"
+    wall_ratio: float | None = None  # set when ours/reference are CPU times: the same ratio by wall clock
 
     @property
     def ratio(self) -> float:
@@ -34,7 +35,8 @@ class Row:
 
     def as_dict(self) -> dict:
         return {"figure": self.figure, "ours": self.ours, "reference": self.reference, "ref_name": self.ref_name,
-                "ratio": self.ratio, "target": self.target, "met": self.met, "unit": self.unit}
+                "ratio": self.ratio, "target": self.target, "met": self.met, "unit": self.unit,
+                "wall_ratio": self.wall_ratio}
 
 
 def train_steps(model_name: str, repeats: int, with_peft: bool = True, seq: int = 256) -> list[Row]:

@@ -18,12 +18,15 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lorakit.cli import THREADS_HELP
+
     p = subparsers.add_parser(
         "serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
         description="Serve one base model and many LoRA adapters with continuous batching across adapters. "
                     "The request's `model` picks an adapter by name, the base by its name, or a weighted "
                     "mixture as 'mix:a=0.7,b=0.3'.")
-    p.add_argument("--base", required=True, help="base model folder (transformers checkpoint with a tokenizer)")
+    p.add_argument("--base", required=True, help="base model: checkpoint folder with a tokenizer, preset "
+                   "(smollm2-135m-instruct) or Hugging Face id (org/name, from the hub cache)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter to serve as NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -42,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     p.add_argument("--served-model-name", help="the base model's id in the API (default: the --base folder name)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_run)
 
@@ -69,20 +72,20 @@ def build_app(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
+    from lorakit.models import resolve_base
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine, ModelHost, load_base_model
     from lorakit.serve.http import ServeSettings
     from lorakit.serve.registry import AdapterRegistry
 
-    if args.threads:
+    if getattr(args, "threads", None):  # the CLI chose it (lorakit.threads); tests may pass their own
         torch.set_num_threads(args.threads)
     adapters = parse_adapter_specs(args.adapter)
-    base_dir = Path(args.base)
-    if not (base_dir / "config.json").is_file():
-        raise ValueError(f"--base {base_dir}: no config.json there; pass a transformers checkpoint folder")
+    base_dir = resolve_base(args.base)  # a preset, a folder or a hub id
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ValueError(f"--adapter-root {args.adapter_root} is not a folder")
-    base_name = args.served_model_name or base_dir.resolve().name
+    # a folder is named by its last part; a preset or hub id by what was typed
+    base_name = args.served_model_name or (base_dir.resolve().name if Path(args.base).is_dir() else args.base)
     if base_name in adapters:
         raise ValueError(f"adapter name {base_name!r} is the base model's name; rename one")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)

