@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import kernels
 from lorakit.layers.base import LoraLayer
 from lorakit.quant.linear4bit import KeptWeight, keep_for_backward
 
@@ -60,6 +61,13 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         base = self.base
         x_lora = adapter.dropout(x)
+        if getattr(base, "lorakit_4bit", False) and kernels.enabled_for(x, base.weight):
+            from lorakit.kernels.qlora import QLoraLinear  # CUDA + triton: NF4 decoded inside the matmul
+
+            return QLoraLinear.apply(
+                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, base.bias,
+                adapter.lora_a, adapter.lora_b, adapter.scaling,
+            )
         if getattr(base, "lorakit_4bit", False):  # QLoRA: one dequantisation for forward (and backward if kept)
             weight = base.dequantize(x.dtype)  # (out, in), no grad
             kept = keep_for_backward(weight) if x.requires_grad else None
@@ -71,6 +79,16 @@ class LoraLinear(LoraLayer):
             x, x_lora if x_lora is not x else None, base.weight, base.bias, adapter.lora_a, adapter.lora_b,
             adapter.scaling,
         )
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
+        """One adapter per row; on CUDA with triton (serving, no autograd) as Punica-style SGMV kernels."""
+        if not torch.is_grad_enabled() and not self.fan_in_fan_out and kernels.enabled_for(x, result):
+            from lorakit.kernels.serving import sgmv_mixed_forward
+
+            out = sgmv_mixed_forward(self, x, result, routing)
+            if out is not None:
+                return out
+        return super().mixed_forward(x, result, routing)
 
     def _fusable_adapter(self, x: torch.Tensor):
         """The single adapter the fused training path can run, or None to take the general path.

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import kernels
+
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState
 
@@ -193,6 +195,11 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or self.quant_state.dtype
+        if kernels.enabled_for(x, self.weight):  # CUDA + triton: W decoded per tile inside the matmul
+            from lorakit.kernels.nf4 import NF4Linear
+
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return NF4Linear.apply(x.to(dtype).contiguous(), self.weight, self.quant_state, bias).to(x.dtype)
         out = _Dequant4bitMatmul.apply(x.to(dtype), self)  # (..., out)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
