@@ -63,3 +63,26 @@ def test_out_dtype_override_uses_the_same_bits(monkeypatch):
     fast = dequantize_4bit(packed, state, torch.bfloat16)
     monkeypatch.setenv("LORAKIT_NATIVE", "0")
     assert torch.equal(fast, dequantize_4bit(packed, state, torch.bfloat16))
+
+
+def test_no_compiler_falls_back_to_pytorch_with_one_warning(monkeypatch, tmp_path, caplog):
+    torch.manual_seed(2)
+    packed, state = quantize_4bit(torch.randn(64, 96), 64, True, "nf4")
+    expected = dequantize_4bit(packed, state)  # through the compiled loop
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))  # nothing built there yet
+    monkeypatch.setenv("CC", "no-such-compiler-lorakit")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+    with caplog.at_level("WARNING", logger="lorakit.quant.native"):
+        assert not native.available()
+        assert not native.available()
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+    assert torch.equal(dequantize_4bit(packed, state), expected)  # same bits from the PyTorch ops
+
+
+def test_builds_into_an_empty_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", False)
+    assert native.available()
+    assert [p.name for p in tmp_path.iterdir()] == [f"lorakit_dequant4_{native._VERSION}.so"]  # no temp files left
