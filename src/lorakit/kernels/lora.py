@@ -105,19 +105,21 @@ def sgmv_add_(
     a_stack: torch.Tensor,
     b_stack: torch.Tensor,
     scales: torch.Tensor,
-    row_adapter: torch.Tensor,
+    row_adapter: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
+    segs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """In place: ``y[i] += scales[k]·(x[i]·A[k]ᵀ)·B[k]ᵀ`` with ``k = row_adapter[i]`` (-1: unchanged).
 
     x (T, in), y (T, out) (2-D, any strides), a_stack (L, r, in), b_stack (L, out, r) — adapters of
     lower rank zero-padded to r — scales (L,) fp32. ``u`` (T, r), if given, receives x·Aᵀ (rows
-    with an adapter). Returns y.
+    with an adapter). ``segs``: :func:`segments` of ``row_adapter``, computed once and shared by
+    every layer of a forward pass (it costs a sort and a device sync). Returns y.
     """
     t, k_in = x.shape
     n_out = y.shape[1]
     n_ad, r, _ = a_stack.shape
-    rows, seg_start, seg_slot, max_len = segments(row_adapter)
+    rows, seg_start, seg_slot, max_len = segs if segs is not None else segments(row_adapter)
     if max_len == 0 or t == 0:
         return y
     if u is None:

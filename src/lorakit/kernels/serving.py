@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import sgmv_add_
+from .lora import segments, sgmv_add_
 
 
 def _stacks(layer, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,14 +55,26 @@ def sgmv_mixed_forward(layer, x: torch.Tensor, result: torch.Tensor, routing) ->
             f"adapter_names has {n_rows} entries but this layer sees a batch of {x.shape[0]} rows; "
             "pass one adapter name per row of the input batch"
         )
-    slot_of_group = torch.full((len(routing.names),), -1, dtype=torch.int32)
-    for slot, (g, _) in enumerate(present):
-        slot_of_group[g] = slot
-    row_slot = torch.where(routing.row_index >= 0, slot_of_group[routing.row_index.clamp(min=0)], -1)
     tokens = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1  # tokens per batch row
-    row_slot = row_slot.to(torch.int32).repeat_interleave(tokens).to(x.device)  # (T,)
+    segs = _segments(routing, tuple(g for g, _ in present), tokens, x.device)
     a_stack, b_stack, scales = _stacks(layer, [n for _, n in present])
     x2 = x.to(dtype).reshape(-1, x.shape[-1])
     out = result.contiguous()  # the base output is fresh: add into it in place (a copy only if strided)
-    sgmv_add_(out.view(-1, out.shape[-1]), x2, a_stack, b_stack, scales, row_slot)
+    sgmv_add_(out.view(-1, out.shape[-1]), x2, a_stack, b_stack, scales, segs=segs)
     return out
+
+
+def _segments(routing, groups: tuple[int, ...], tokens: int, device: torch.device):
+    """Rows sorted into per-adapter segments, once per forward pass: every layer with the same adapter
+    set and token count shares them (RowRouting lives for one forward), so the sort and its device
+    sync happen once, not once per layer."""
+    cache = routing.__dict__.setdefault("_sgmv_segments", {})
+    key = (groups, tokens, str(device))
+    if key not in cache:
+        slot_of_group = torch.full((len(routing.names),), -1, dtype=torch.int32)
+        for slot, g in enumerate(groups):
+            slot_of_group[g] = slot
+        row_slot = torch.where(routing.row_index >= 0, slot_of_group[routing.row_index.clamp(min=0)], -1)
+        row_slot = row_slot.to(torch.int32).repeat_interleave(tokens).to(device)  # (T,)
+        cache[key] = segments(row_slot)
+    return cache[key]
