@@ -142,3 +142,34 @@ def test_keep_budget_is_a_bound():
             set_dequant_keep_budget(-1)
     finally:
         set_dequant_keep_budget(old)
+
+
+def test_fused_4bit_step_equals_lora_on_the_dequantised_linear():
+    """A 4-bit base takes the fused LoRA path with W = dequant(codes): bit-identical to LoRA on an
+    nn.Linear holding exactly those values (same function, same operands)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    q = Linear4bit.from_linear(linear, compute_dtype=torch.float32)
+    dense = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        dense.weight.copy_(q.dequantize(torch.float32))
+        dense.bias.copy_(q.bias)
+    dense.requires_grad_(False)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian")
+    results = []
+    for base in (q, dense):
+        torch.manual_seed(1)
+        model = lorakit.get_lora_model(torch.nn.Sequential(base), config)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_b"):
+                    p.normal_(0, 0.1)
+        model.train()
+        x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = model(x)
+        y.square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        results.append((y.detach(), x.grad, grads))
+    (y4, gx4, g4), (yd, gxd, gd) = results
+    assert torch.equal(y4, yd) and torch.equal(gx4, gxd)
+    assert len(g4) == 2 and all(torch.equal(a, b) for a, b in zip(g4, gd))
