@@ -98,3 +98,36 @@ def test_never_selected_on_cpu_in_normal_use(monkeypatch):
     assert kernels.enabled_for(x)  # the tests' explicit opt-in (interpreter only)
     monkeypatch.setenv("LORAKIT_TRITON", "0")
     assert not kernels.enabled_for(x)
+
+
+def test_fused_nf4_linear_bf16_compute():
+    """bf16 activations (the usual GPU compute dtype): W tiles rounded to bf16 exactly as
+    ``dequantize_4bit(…, bfloat16)`` rounds them, fp32 accumulation, one rounding of the output."""
+    torch.manual_seed(5)
+    packed, state = quantize_4bit(torch.randn(48, 80) * 0.1, 64, True, "nf4")
+    w16 = dequantize_4bit(packed, state, torch.bfloat16)
+    x = torch.randn(7, 80).to(torch.bfloat16)
+    y = nf4.linear(x, packed, state)
+    assert y.dtype == torch.bfloat16
+    expected = x.float() @ w16.float().T  # exact products of the same bf16 operands, fp32 sums
+    bf16_ulp = torch.finfo(torch.bfloat16).eps  # the output's single rounding (to nearest or truncated)
+    atol = bf16_ulp * float(expected.abs().max()) + 4 * 80**0.5 * torch.finfo(torch.float32).eps * float(
+        expected.abs().max()
+    )
+    assert float((y.float() - expected).abs().max()) <= atol
+    gx = nf4.grad_input(torch.ones(7, 48, dtype=torch.bfloat16), packed, state)
+    exp_gx = torch.ones(7, 48) @ w16.float()
+    assert float((gx.float() - exp_gx).abs().max()) <= bf16_ulp * float(exp_gx.abs().max()) * 2
+
+
+def test_lora_add_bf16():
+    torch.manual_seed(6)
+    x, y = torch.randn(11, 48).to(torch.bfloat16), torch.randn(11, 72).to(torch.bfloat16)
+    a, b = (torch.randn(8, 48) * 0.1).to(torch.bfloat16), (torch.randn(72, 8) * 0.1).to(torch.bfloat16)
+    out = y.clone()
+    u = lora.lora_add_(out, x, a, b, 2.0)
+    u_ref = (x.float() @ a.float().T).to(torch.bfloat16)  # u is kept in the activations' dtype
+    expected = y.float() + 2.0 * (u_ref.float() @ b.float().T)
+    ulp = torch.finfo(torch.bfloat16).eps
+    assert float((u.float() - u_ref.float()).abs().max()) <= ulp * float(u_ref.float().abs().max())
+    assert float((out.float() - expected).abs().max()) <= 4 * ulp * float(expected.abs().max())

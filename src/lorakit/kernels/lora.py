@@ -17,11 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels import interpreting
+
 
 @triton.jit
 def _shrink_kernel(
     x, a, u, rows, seg_start, seg_slot, K, R, sxm, sxk, sal, sar, sak, sum_, sur,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """u[rows[i]] = x[rows[i]] · A[slot]ᵀ for the rows i of segment program_id(0)."""
     seg = tl.program_id(0)
@@ -41,6 +43,8 @@ def _shrink_kernel(
                      mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
         if IEEE:
             acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
+        elif UPCAST:  # interpreter: its dot multiplies bf16 storage as integers; fp32 products are exact
+            acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(at))
     tl.store(u + r_idx[:, None] * sum_ + offs_r[None, :] * sur, acc.to(u.dtype.element_ty),
@@ -50,7 +54,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     u, b, y, scales, rows, seg_start, seg_slot, N, R, sum_, sur, sbl, sbn, sbr, sym, syn,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y[rows[i], n] += scale[slot] · u[rows[i]] · B[slot][n]ᵀ for segment program_id(0)."""
     seg = tl.program_id(0)
@@ -68,6 +72,8 @@ def _expand_kernel(
                  mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
     if IEEE:
         delta = tl.dot(ut, tl.trans(bt), input_precision="ieee")
+    elif UPCAST:
+        delta = tl.dot(ut.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
     else:
         delta = tl.dot(ut, tl.trans(bt))
     scale = tl.load(scales + slot)
@@ -130,13 +136,13 @@ def sgmv_add_(
     _shrink_kernel[(n_seg, triton.cdiv(max_len, bm))](
         x, a_stack, u, rows, seg_start, seg_slot, k_in, r, x.stride(0), x.stride(1),
         a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), u.stride(0), u.stride(1),
-        IEEE=ieee, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=32,
+        IEEE=ieee, UPCAST=interpreting(), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=32,
     )
     bn = 64
     _expand_kernel[(n_seg, triton.cdiv(max_len, bm), triton.cdiv(n_out, bn))](
         u, b_stack, y, scales.float().contiguous(), rows, seg_start, seg_slot, n_out, r,
         u.stride(0), u.stride(1), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-        y.stride(0), y.stride(1), IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+        y.stride(0), y.stride(1), IEEE=ieee, UPCAST=interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
     )
     return y
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorakit.kernels import interpreting
 from lorakit.quant.codes import _code
 from lorakit.quant.nf4 import block_scales
 from lorakit.quant.state import QuantState
@@ -58,7 +59,7 @@ def _dequant_kernel(packed, code, scales, out, n, BS: tl.constexpr, BLOCK: tl.co
 @triton.jit
 def _nf4_linear_kernel(
     x, packed, code, scales, bias, y, M, N, K, sxm, sxk, sym, syn,
-    HAS_BIAS: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y (M, N) = x (M, K) · Wᵀ (+ bias), W (N, K) decoded per tile; fp32 accumulation."""
@@ -72,6 +73,8 @@ def _nf4_linear_kernel(
         wt = _cast(_decode_tile(packed, code, scales, offs_n, offs_k, N, K, BS), xt.dtype)  # (BN, BK)
         if IEEE:
             acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+        elif UPCAST:  # interpreter: its dot multiplies bf16 storage as integers; fp32 products are exact
+            acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(xt, tl.trans(wt))
     if HAS_BIAS:
@@ -83,7 +86,7 @@ def _nf4_linear_kernel(
 @triton.jit
 def _nf4_grad_input_kernel(
     g, packed, code, scales, gx, M, N, K, sgm, sgn, sxm, sxk,
-    BS: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gx (M, K) = g (M, N) · W (N, K), W decoded per tile; fp32 accumulation."""
@@ -97,6 +100,8 @@ def _nf4_grad_input_kernel(
         wt = _cast(_decode_tile(packed, code, scales, offs_n, offs_k, N, K, BS), gt.dtype)  # (BN, BK)
         if IEEE:
             acc += tl.dot(gt, wt, input_precision="ieee")
+        elif UPCAST:
+            acc += tl.dot(gt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(gt, wt)
     xm = (offs_m[:, None] < M) & (offs_k[None, :] < K)
@@ -138,6 +143,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch
         x2, data, code, scales, bias if bias is not None else y, y, m, n_out, n_in,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BS=state.blocksize, IEEE=x.dtype == torch.float32,
+        UPCAST=interpreting(),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False,
     )
     return y.view(*x.shape[:-1], n_out)
@@ -154,7 +160,7 @@ def grad_input(g: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torc
     grid = (triton.cdiv(m, bm), triton.cdiv(n_in, bk))
     _nf4_grad_input_kernel[grid](
         g2, data, code, scales, gx, m, n_out, n_in, g2.stride(0), g2.stride(1), gx.stride(0), gx.stride(1),
-        BS=state.blocksize, IEEE=g.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bk, BLOCK_K=bn,
+        BS=state.blocksize, IEEE=g.dtype == torch.float32, UPCAST=interpreting(), BLOCK_M=bm, BLOCK_N=bk, BLOCK_K=bn,
         enable_fp_fusion=False,
     )
     return gx.view(*g.shape[:-1], n_in)
