@@ -21,6 +21,7 @@ os.environ.setdefault("LORAKIT_THREADS", "1")
 # LORAKIT_TEST_THREADS=1 (or 2) runs the whole suite at that intra-op thread count: no verdict may
 # depend on it (GEMMs split their reductions differently per thread count).
 if os.environ.get("LORAKIT_TEST_THREADS"):
+    os.environ["LORAKIT_THREADS"] = os.environ["LORAKIT_TEST_THREADS"]  # in-process CLI runs keep it too
     torch.set_num_threads(int(os.environ["LORAKIT_TEST_THREADS"]))
 
 
