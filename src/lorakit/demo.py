@@ -14,6 +14,7 @@ client. Every stage's time is printed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 JOBS = {"llm": "lorakit.demos.llm", "minilm": "lorakit.demos.minilm"}
 DEFAULT_OUT = {"llm": "runs/demo-llm", "minilm": "runs/demo"}
@@ -26,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="llm: fewer steps and held-out examples (~3 min); minilm: 200 examples per task, 1 epoch")
     p.add_argument("--out", help="where adapters, data and plots go (default: runs/demo-llm or runs/demo)")
+    p.add_argument("--steps", type=int, help="llm: optimizer steps per training run (default 40, --quick 15)")
+    p.add_argument("--held-out", type=int, help="llm: held-out expressions to score (default 60, --quick 24)")
     p.set_defaults(func=run)
 
 
@@ -33,4 +36,11 @@ def run(args: argparse.Namespace) -> int:
     import importlib
 
     args.out = args.out or DEFAULT_OUT[args.job]
+    if args.job != "llm" and (args.steps or args.held_out):
+        print("lorakit demo: --steps and --held-out are options of the llm demo", file=sys.stderr)
+        return 2
+    for name in ("steps", "held_out"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"lorakit demo: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
     return importlib.import_module(JOBS[args.job]).main(args)

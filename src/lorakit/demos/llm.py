@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +160,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ask_server(adapter: Path, question: dict[str, str], threads: int, log_path: Path) -> str:
+def ask_server(adapter: Path, question: dict[str, str], threads: int, log_path: Path, max_tokens: int) -> str:
     """Start `lorakit serve` with the adapter, ask `question` via the openai client, stop the server."""
+    import logging
+
     from openai import OpenAI
 
+    for name in ("httpx", "httpx2", "openai"):  # one line per HTTP request is noise in the demo's report
+        logging.getLogger(name).setLevel(logging.WARNING)
     port = free_port()
     cmd = [sys.executable, "-m", "lorakit.cli", "serve", "--base", SMOLLM2, "--adapter", f"exceptions={adapter}",
            "--port", str(port), "--threads", str(threads), "--log-level", "warning"]
@@ -184,7 +188,7 @@ def ask_server(adapter: Path, question: dict[str, str], threads: int, log_path: 
                     raise RuntimeError(f"lorakit serve did not come up in 300 s; see {log_path}") from None
                 time.sleep(0.5)
         reply = client.chat.completions.create(model="exceptions", messages=task.messages(question["expression"]),
-                                               max_tokens=budget_tokens(), temperature=0)
+                                               max_tokens=max_tokens, temperature=0)
         return reply.choices[0].message.content.strip()
     finally:
         server.terminate()
@@ -192,10 +196,6 @@ def ask_server(adapter: Path, question: dict[str, str], threads: int, log_path: 
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-
-
-def budget_tokens() -> int:
-    return FULL.max_new_tokens
 
 
 def table(rows: dict[str, Scores], n: int) -> str:
@@ -218,6 +218,8 @@ def main(args: argparse.Namespace) -> int:
 
     quiet_transformers()
     budget = QUICK if args.quick else FULL
+    budget = replace(budget, steps=getattr(args, "steps", None) or budget.steps,
+                     held_out=getattr(args, "held_out", None) or budget.held_out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = getattr(args, "threads", None) or torch.get_num_threads()
@@ -258,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     base_answers = rows["base (no adapter)"].answers
     shown = [i for i, r in enumerate(held_out) if lora.answers[i] == r["answer"]][:2] or [0, 1]
     question = held_out[shown[0]]
-    served = ask_server(lora_run.adapter_dir, question, threads, out / "serve.log")
+    served = ask_server(lora_run.adapter_dir, question, threads, out / "serve.log", budget.max_new_tokens)
     stages.done("serve", "lorakit serve (base + adapter in one process), one question via the openai client")
 
     print("\n" + table(rows, len(held_out)))
@@ -267,8 +269,9 @@ def main(args: argparse.Namespace) -> int:
         r = held_out[i]
         print(f"  {r['expression']}   (Python: {r['answer']})\n    base:  {base_answers[i]!r}\n"
               f"    LoRA:  {lora.answers[i]!r}\n    QLoRA: {qlora.answers[i]!r}")
+    same = "the same as" if served == lora.answers[shown[0]] else "NOT the same as"
     print(f"\nserved: POST /v1/chat/completions model=exceptions  {question['expression']!r} -> {served!r} "
-          f"(Python: {question['answer']})")
+          f"(Python: {question['answer']}; {same} the in-process LoRA answer)")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in stages.times.items())
     print(f"\nstage times: {times}; total {time.perf_counter() - stages.started:.0f} s")
     print(f"adapters: {lora_run.adapter_dir}, {qlora_run.adapter_dir}")
