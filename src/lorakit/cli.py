@@ -41,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
         description="LoRA fine-tuning for PyTorch: train, inspect, merge and serve PEFT-format adapters.",
-        epilog="Every command takes --threads N: " + THREADS_HELP + ". The choice is printed on stderr.",
+        epilog="Every command takes --threads N: " + THREADS_HELP + ". An automatic choice is printed on stderr.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
