@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -26,6 +27,8 @@ def test_demo_llm_runs_every_stage(tmp_path, capsys):
     for name in ("lora", "qlora"):
         assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
     assert "stage times: model" in out
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and {"expression", "answer", "base", "lora", "qlora"} <= set(answers[0])
 
 
 def test_task_labels_come_from_the_interpreter():

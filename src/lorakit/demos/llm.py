@@ -259,6 +259,10 @@ def main(args: argparse.Namespace) -> int:
                 f"exact {qlora.exact:.0%}")
 
     base_answers = rows["base (no adapter)"].answers
+    with open(out / "answers.jsonl", "w") as fh:  # every held-out answer, for a closer look
+        for i, r in enumerate(held_out):
+            fh.write(json.dumps({**r, "base": base_answers[i], "lora": lora.answers[i],
+                                 "qlora": qlora.answers[i]}) + "\n")
     shown = [i for i, r in enumerate(held_out) if lora.answers[i] == r["answer"]][:2] or [0, 1]
     question = held_out[shown[0]]
     served = ask_server(lora_run.adapter_dir, question, threads, out / "serve.log", budget.max_new_tokens)
