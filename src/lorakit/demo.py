@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="llm: fewer steps and held-out examples (~3 min); minilm: 200 examples per task, 1 epoch")
     p.add_argument("--out", help="where adapters, data and plots go (default: runs/demo-llm or runs/demo)")
-    p.add_argument("--steps", type=int, help="llm: optimizer steps per training run (default 40, --quick 15)")
+    p.add_argument("--steps", type=int, help="llm: optimizer steps per training run (default 40, --quick 12)")
     p.add_argument("--held-out", type=int, help="llm: held-out expressions to score (default 60, --quick 24)")
     p.set_defaults(func=run)
 
