@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo demo-minilm test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# SmolLM2-135M-Instruct: LoRA vs QLoRA on a real task, then served (lorakit demo --quick: ~3 min)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lorakit demo
+
+demo-minilm: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/lorakit demo minilm
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -4,8 +4,9 @@
     cfg = lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
     model = lorakit.get_lora_model(base_model, cfg)
 
-    base_model = lorakit.load_base("smollm2-135m-instruct", "causal_lm")   # a preset, folder or hub id
-    folder = lorakit.resolve_base("HuggingFaceTB/SmolLM2-135M")            # -> local checkpoint folder
+    base_model = lorakit.load_base("smollm2-135m-instruct")          # a preset, folder or hub id (causal LM)
+    tokenizer = lorakit.load_tokenizer("smollm2-135m-instruct")
+    folder = lorakit.resolve_base("HuggingFaceTB/SmolLM2-135M")      # -> local checkpoint folder
 """
 
 from lorakit.config import LoraConfig
@@ -24,6 +25,7 @@ __all__ = [
     "TargetModuleError",
     "get_lora_model",
     "load_base",
+    "load_tokenizer",
     "quantize_model",
     "resolve_base",
 ]
@@ -32,6 +34,7 @@ _LAZY = {  # these pull in more code (transformers, the quantiser); import them 
     "quantize_model": "lorakit.quant",
     "resolve_base": "lorakit.models",
     "load_base": "lorakit.train.presets",
+    "load_tokenizer": "lorakit.train.presets",
 }
 
 

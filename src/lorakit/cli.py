@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lorakit.bench.cli", "benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)"),
     "combine": ("lorakit.analysis.cli", "merge several adapters into one (weighted sum, concat, SVD, TIES, DARE)"),
     "compress": ("lorakit.analysis.cli", "lower an adapter's rank by truncated SVD of each layer's ΔW"),
-    "demo": ("lorakit.demo", "LoRA vs linear probe vs full fine-tuning on MiniLM (no downloads)"),
+    "demo": ("lorakit.demo", "end-to-end demos: SmolLM2 LoRA/QLoRA + serving (llm), MiniLM (minilm)"),
     "generate": ("lorakit.generate", "generate text with a causal LM + LoRA adapter"),
     "inspect": ("lorakit.analysis.cli", "per-layer norms, singular values and effective rank of an adapter"),
     "merge": ("lorakit.export", "merge adapters into the base and save a plain transformers checkpoint"),
@@ -59,7 +59,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="lorakit",
         description="LoRA fine-tuning for PyTorch: train, inspect, merge and serve PEFT-format adapters.",
-        epilog="Every command takes --threads N: " + THREADS_HELP + ". The choice is printed on stderr.",
+        epilog="Every command takes --threads N: " + THREADS_HELP + ". An automatic choice is printed on stderr.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version=f"lorakit {version()}",
@@ -75,7 +75,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).register(sub)
             if name not in sub.choices:
                 raise RuntimeError(f"{module}.register() did not add the '{name}' command")
-            _add_threads_option(sub.choices[name])
+    for command_parser in sub.choices.values():  # a module may register several commands
+        _add_threads_option(command_parser)
     for name, (_, help_text) in COMMANDS.items():
         if name not in sub.choices:
             sub.add_parser(name, help=help_text, add_help=False)

@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/ or any PEFT-format folder)")
-    p.add_argument("--base", help="base model: preset or checkpoint folder (default: from training_meta.json)")
+    p.add_argument("--base", help="base model: preset, checkpoint folder or Hugging Face id (default: from "
+                   "training_meta.json)")
     p.add_argument("--format", choices=["auto", "instruction", "chat", "raw"], default="auto",
                    help="prompt layout; auto = as the adapter was trained")
     p.add_argument("--input", default="", help="instruction format: the optional input field")

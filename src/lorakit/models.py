@@ -130,6 +130,10 @@ def smollm2_path() -> Path:
     if (folder / SOURCE_INFO).is_file():
         return folder
     gguf = smollm2_gguf()
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:  # transformers' GGUF reader needs both; say so before it fails deep inside
+        raise ConfigError(f"converting the {SMOLLM2} GGUF needs {' and '.join(missing)}: pip install "
+                          "gguf==0.19.0 accelerate==1.15.0 (make venv does)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(folder.parent / f".{folder.name}.lock"):
         if not (folder / SOURCE_INFO).is_file():  # another process may have finished while we waited

@@ -54,7 +54,7 @@ def test_tiny_llama_learns_the_answers_then_merged_generation_reproduces_them(tm
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert main(["demo", "minilm", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("linear probe", "LoRA r=8", "full fine-tuning", "reloaded vs trained max|Δlogit| 0.00e+00",
                  "merged vs unmerged", "mixed batch"):

@@ -115,7 +115,9 @@ class TrainSection(_Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
         "compute dtype: bfloat16 runs the forward under torch.autocast (weights and optimizer stay fp32)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description=(
+        "torch CPU threads per process (default: the CLI's choice, lorakit.threads: --threads, "
+        "$LORAKIT_THREADS, $OMP_NUM_THREADS, else min(physical cores, idle CPUs))"))
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl lines")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = only at the end")

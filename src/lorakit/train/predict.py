@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="*", help="texts to classify")
     p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train")
-    p.add_argument("--base", help="base model: preset or checkpoint folder (default: from training_meta.json)")
+    p.add_argument("--base", help="base model: preset, checkpoint folder or Hugging Face id (default: from "
+                   "training_meta.json)")
     p.add_argument("--file", help="a .jsonl/.csv of text(/label) records, or builtin:<task> (its test split)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=run)

@@ -68,7 +68,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     return AutoTokenizer.from_pretrained(str(resolve_base(name_or_path)))
 
 
-def load_base(name_or_path: str, task: str, num_labels: int | None = None, dtype: str = "float32",
+def load_base(name_or_path: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
               overrides: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
     """The frozen-to-be base model: a preset, checkpoint folder or Hugging Face id (see lorakit.models).
 
