@@ -66,6 +66,8 @@ PARAM_CASES = {
                                                                                           "rnn.weight_hh_l0"]), X_SEQ),
     "gru-one-param": (GRUTagger, dict(r=3, lora_alpha=6, target_parameters=["rnn.weight_hh_l0"]), X_SEQ),
     "mlp-linear-weight": (MLP, dict(r=2, target_modules=["lin0"], target_parameters=["lin1.weight"]), X_MLP),
+    # PEFT writes target_modules: [] here; lorakit refused it as "matched no module"
+    "mlp-weight-empty-target-modules": (MLP, dict(r=2, target_modules=[], target_parameters=["lin1.weight"]), X_MLP),
     "mlp-weight-bias-all": (MLP, dict(r=2, target_parameters=["lin1.weight"], bias="all"), X_MLP),
     "mlp-weight-bias-lora_only": (MLP, dict(r=2, target_modules=["lin0"], target_parameters=["lin1.weight"],
                                             bias="lora_only"), X_MLP),

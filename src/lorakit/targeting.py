@@ -111,6 +111,8 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules this config puts LoRA on; raises when it matches nothing."""
     if config.target_modules is None:
         return []
+    if not config.target_modules and config.target_parameters:
+        return []  # PEFT writes target_modules: [] for an adapter on raw parameters only
     modules = dict(visible_modules(model))
     if config.target_modules == ALL_LINEAR:
         skip = output_layer_names(model, config)
