@@ -232,7 +232,7 @@ def _pissa_folder(base_dir, folder):
     return folder
 
 
-def test_server_failed_pissa_load_and_pissa_delete_leave_every_model_unchanged(dirs, root):
+def test_server_failed_and_refused_pissa_loads_leave_every_model_unchanged(dirs, root):
     from safetensors.torch import load_file, save_file
 
     good = _pissa_folder(dirs["base"], root / "pissa")
@@ -254,8 +254,11 @@ def test_server_failed_pissa_load_and_pissa_delete_leave_every_model_unchanged(d
         assert_openai_error(client.post("/v1/adapters", json={"name": "pb", "path": "pissa-broken"}), 400)
         assert unchanged()
         assert [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts] == before
-        assert client.post("/v1/adapters", json={"name": "p", "path": "pissa"}).status_code == 200
-        assert not unchanged()  # PiSSA rewrote the base to its residual while loaded
-        assert client.delete("/v1/adapters/p").status_code == 200
-        assert unchanged()  # bit for bit
+        # a good PiSSA folder is refused too: its residual would change the base rows and every other
+        # adapter while loaded (test_serve_base_rewrite.py); delete's bit-for-bit restore is tested
+        # on the library (test_failed_load.py)
+        response = client.post("/v1/adapters", json={"name": "p", "path": "pissa"})
+        assert_openai_error(response, 400)
+        assert "rewrites the base" in response.json()["error"]["message"]
+        assert unchanged()
         assert [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts] == before

@@ -7,6 +7,7 @@ loads / unloads alike), so no lock is needed around the model.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -58,10 +59,16 @@ class ModelHost:
 
         root: read only files inside it (see :mod:`lorakit.io.rooted`).
         """
+        _refuse_base_rewrite(_read_config(Path(folder), root), folder)  # before anything is loaded
         if self.lora is None:
             self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name, root=root)
         else:
             self.lora.load_adapter(folder, adapter_name=name, root=root)
+        try:  # the folder may have changed since it was read above: check what was actually loaded
+            _refuse_base_rewrite(vars(self.lora.peft_config[name]), folder)
+        except AdapterLoadError:
+            self.lora.delete_adapter(name)  # puts a PiSSA/OLoRA residual back bit for bit
+            raise
         if not self._sane(name):  # refuse it now rather than fail every request that uses it
             self.lora.delete_adapter(name)
             raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights, or factors so large that "
@@ -106,3 +113,37 @@ class ModelHost:
         else:
             out = self.lora(input_ids, adapter_names=list(adapter_names), **kwargs)
         return out.logits
+
+
+def _read_config(folder: Path, root) -> dict:
+    """The folder's adapter_config.json ({} if it can't be parsed: the load reports that by name)."""
+    from lorakit.io.adapter_folder import _read
+
+    try:
+        data = json.loads(_read(folder / "adapter_config.json", root).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _refuse_base_rewrite(config: dict, folder) -> None:
+    """Refuse an adapter that changes the shared base model in place.
+
+    The server runs every adapter and the plain base (``model`` = the base name) on one base
+    model. A PiSSA/OLoRA adapter writes its residual W0 − s·B0·A0 into the base weights and a
+    ``bias="all"``/``"lora_only"`` adapter overwrites base biases, so loading one would silently
+    change the outputs of the base and of every other adapter.
+    """
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        raise AdapterLoadError(
+            f"{folder}: init_lora_weights={init!r} rewrites the base weights (W0 - s*B0*A0), which would change "
+            "the base model and every other adapter served beside it. Convert it to a plain LoRA relative to "
+            "the original base (PEFT's path_initial_model_for_weight_conversion, or "
+            "lorakit.variants.pissa.to_lora_factors), or merge it (lorakit merge) and serve that as the base")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise AdapterLoadError(
+            f"{folder}: bias={bias!r} overwrites the base model's biases, which would change the base model "
+            "and every other adapter served beside it. Merge it (lorakit merge) and serve the merged "
+            "checkpoint as the base, or retrain with bias='none' (lora_bias=True keeps a per-adapter bias)")

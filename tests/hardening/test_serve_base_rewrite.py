@@ -1,0 +1,71 @@
+"""The server refuses adapters that rewrite the shared base model.
+
+Every adapter (and the plain base) is served from one base model. A PiSSA/OLoRA adapter writes
+its residual into the base weights and a bias="all"/"lora_only" adapter overwrites base biases:
+loaded, they silently changed the base rows and every other adapter's rows of a mixed batch.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from factories import randomize_lora, tiny_llama
+
+import lorakit
+from lorakit.errors import AdapterLoadError
+from lorakit.serve.engine import ModelHost
+
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+BAD = {
+    "pissa": dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"),
+    "olora": dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="olora"),
+    "bias_all": dict(r=4, target_modules=["v_proj"], bias="all"),
+    "bias_lora_only": dict(r=4, target_modules=["q_proj", "up_proj"], bias="lora_only"),
+}
+
+
+def llama():
+    return tiny_llama(attention_bias=True, mlp_bias=True).eval()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_peft_adapter_that_rewrites_the_base_is_refused_and_changes_nothing(tmp_path, case):
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(**BAD[case]))  # PEFT writes the folder
+    randomize_lora(pm, 1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith(".bias") and p.requires_grad:
+                p.add_(0.5)  # trained biases
+    pm.save_pretrained(tmp_path / "bad")
+    good = lorakit.get_lora_model(llama(), lorakit.LoraConfig(r=2, target_modules=["k_proj", "q_proj"]))
+    randomize_lora(good, 2)
+    good.save_pretrained(tmp_path / "good")
+
+    host = ModelHost(llama())
+    host.load("good", tmp_path / "good", root=tmp_path)
+    before = host.forward(IDS, ["good", None]).clone()
+    state = {k: v.clone() for k, v in host.lora.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="rewrites the base|overwrites the base"):
+        host.load("bad", tmp_path / "bad", root=tmp_path)
+    assert host.adapters == ["good"]
+    assert torch.equal(host.forward(IDS, ["good", None]), before)
+    after = host.lora.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_lora_bias_and_orthogonal_adapters_still_serve_beside_the_base(tmp_path):
+    for name, kw in {"lb": dict(lora_bias=True), "orth": dict(init_lora_weights="orthogonal")}.items():
+        pm = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **kw))
+        randomize_lora(pm, 1)
+        pm.eval()
+        with torch.no_grad():
+            ref = pm(IDS).logits
+        pm.save_pretrained(tmp_path / name)
+        host = ModelHost(llama())
+        host.load(name, tmp_path / name, root=tmp_path)
+        out = host.forward(IDS, [name, None])
+        with torch.no_grad():
+            base = llama()(IDS).logits
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[1], base[1])
