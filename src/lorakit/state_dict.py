@@ -137,6 +137,17 @@ def _drop_unchanged_base_tensors(model: nn.Module, given: dict[str, torch.Tensor
     return left
 
 
+def _match_base_bias_names(given: dict[str, torch.Tensor], refs: dict[str, torch.Tensor]) -> None:
+    """Rename the file's base-bias keys to this model's: a bias is ``X.base_layer.bias`` while some
+    adapter wraps X and ``X.bias`` otherwise, so a ``bias="all"`` file saved alone names ``X.bias``
+    where a model that already holds another adapter on X has ``X.base_layer.bias`` (and back)."""
+    tail = ".base_layer.bias"
+    for key in [k for k in given if k not in refs and k.endswith(".bias") and ".lora_B." not in k]:
+        other = key[: -len(tail)] + ".bias" if key.endswith(tail) else key[: -len(".bias")] + tail
+        if other in refs and other not in given:
+            given[other] = given.pop(key)
+
+
 def _normalise_key(key: str) -> str:
     """PEFT files always carry the ``base_model.model.`` prefix; accept files without it."""
     return key if key.startswith(PREFIX) else PREFIX + key
@@ -152,6 +163,8 @@ def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torc
     for old, new in legacy_keys(model, name).items():
         if old in given and new not in given:
             given[new] = given.pop(old)
+    if bias != "none":
+        _match_base_bias_names(given, refs)
     optional = set()
     if bias != "none":  # a bias the file doesn't carry keeps the base model's value (PEFT's behaviour)
         optional = {k for k in refs if k.endswith(".bias") and ".lora_B." not in k}
