@@ -161,7 +161,14 @@ def _check_inputs(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weigh
     for folder in adapter_dirs:
         if not (folder / "adapter_config.json").is_file():
             raise MergeError(f"--adapter {folder}: no adapter_config.json there; pass a PEFT-format adapter folder")
-        _check_adapter_folder(folder)
+        init = _check_adapter_folder(folder).get("init_lora_weights")
+        weighted = weights is not None and any(w != 1.0 for w in weights)
+        if weighted and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+            # its update is s·(B·A − B0·A0) on the original base, but the loaded model holds the residual
+            # W0 − s·B0·A0: a weighted combination of B·A would keep the residual at full weight
+            raise MergeError(f"--adapter {folder}: init_lora_weights={init!r} can't be combined with --weights "
+                             "(the adapter rewrote the base to its residual). Merge it alone or with weights 1, or "
+                             "convert it to a plain LoRA first (lorakit.variants.pissa.to_lora_factors)")
     if weights is not None and len(weights) != len(adapter_dirs):
         raise MergeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one each")
     if weights is not None and not all(math.isfinite(w) for w in weights):
@@ -222,7 +229,7 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def _check_adapter_folder(folder: Path) -> None:
+def _check_adapter_folder(folder: Path) -> dict:
     """Refuse a broken adapter (types, ranges, NaN/inf, dtypes) before the base is loaded."""
     from lorakit.io import read_adapter_folder
     from lorakit.io.config_validation import validate_adapter_config, validate_adapter_tensors
@@ -230,6 +237,7 @@ def _check_adapter_folder(folder: Path) -> None:
     config, tensors = read_adapter_folder(folder)
     validate_adapter_config(config, str(folder / "adapter_config.json"))
     validate_adapter_tensors(tensors, str(folder))
+    return config
 
 
 def load_base(base_dir: Path):
