@@ -280,7 +280,8 @@ class LoraModel(nn.Module):
 
         DoRA adapters combine as in PEFT: their low-rank factors are combined as above and the new
         adapter is DoRA again (when the first one is) with its magnitude starting at the base
-        weight's norms, exactly what PEFT's add_weighted_adapter produces.
+        weight's norms, exactly what PEFT's add_weighted_adapter produces. Adapters with
+        modules_to_save or trainable_token_indices are refused (those parts can't be weighted).
         """
         if len(adapters) != len(weights) or not adapters:
             raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -290,6 +291,15 @@ class LoraModel(nn.Module):
         if combination_type not in ("cat", "svd", "linear"):
             raise ConfigError(f"combination_type must be 'cat', 'svd' or 'linear', got {combination_type!r}")
         configs = [self.peft_config[n] for n in adapters]
+        for name, cfg in zip(adapters, configs):
+            # these parts are copies / replaced rows, not low-rank deltas: a combination silently left
+            # them out (a weight-1 "mixture" of one adapter gave other outputs than the adapter)
+            extra = ("modules_to_save" if getattr(cfg, "modules_to_save", None)
+                     else "trainable_token_indices" if getattr(cfg, "trainable_token_indices", None) else None)
+            if extra:
+                raise ConfigError(f"adapter {name!r} has {extra}: those modules/rows can't be combined by weight, "
+                                  "so a weighted combination would silently drop them; combine adapters without "
+                                  f"{extra}, or use that adapter on its own")
         global_rank = svd_rank or max(max([c.r, *map(int, c.rank_pattern.values())]) for c in configs)
         factors_by_path = {}
         for path, layer in named_wrappers(self.model):

@@ -98,3 +98,22 @@ def test_merge_refuses_weights_on_a_base_rewriting_adapter_and_merges_it_at_weig
         # folded weights round once more than the unmerged path: fp32 rounding of the model's chained
         # reductions (hidden 64 / MLP 128, two layers)
         assert_close_fp32(merged(IDS).logits, want, reduction=128, depth=8)
+
+
+@pytest.mark.parametrize("extra", [dict(trainable_token_indices=[1, 5, 9]), dict(modules_to_save=["lm_head"])],
+                         ids=["trainable_tokens", "modules_to_save"])
+def test_a_weighted_mixture_refuses_parts_it_would_drop(tmp_path, extra):
+    """A mixture (serve's mix:NAME=W, add_weighted_adapter) combined the LoRA factors and silently left
+    out the trainable-token rows / modules_to_save copy: a weight-1 mixture of one PEFT adapter gave
+    other outputs than the adapter. It is refused by name now (the server answers 400)."""
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], **extra))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    pm.save_pretrained(tmp_path / "a")
+    host = ModelHost(llama())
+    host.load("a", tmp_path / "a")
+    with pytest.raises(lorakit.errors.ConfigError, match=next(iter(extra))):
+        host.mix("m", ["a"], [1.0])
+    assert host.adapters == ["a"]
