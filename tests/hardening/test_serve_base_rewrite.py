@@ -19,6 +19,8 @@ from lorakit.serve.engine import ModelHost
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
 BAD = {
+    # not a base rewrite, but a weight every row shares: a mixed batch can't route it (every forward failed)
+    "target_parameters": dict(r=4, target_modules=[], target_parameters=["mlp.up_proj.weight"]),
     "pissa": dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"),
     "olora": dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="olora"),
     "bias_all": dict(r=4, target_modules=["v_proj"], bias="all"),
@@ -47,7 +49,7 @@ def test_a_peft_adapter_that_rewrites_the_base_is_refused_and_changes_nothing(tm
     host.load("good", tmp_path / "good", root=tmp_path)
     before = host.forward(IDS, ["good", None]).clone()
     state = {k: v.clone() for k, v in host.lora.state_dict().items()}
-    with pytest.raises(AdapterLoadError, match="rewrites the base|overwrites the base"):
+    with pytest.raises(AdapterLoadError, match="rewrites the base|overwrites the base|target_parameters"):
         host.load("bad", tmp_path / "bad", root=tmp_path)
     assert host.adapters == ["good"]
     assert torch.equal(host.forward(IDS, ["good", None]), before)

@@ -66,6 +66,7 @@ class ModelHost:
             self.lora.load_adapter(folder, adapter_name=name, root=root)
         try:  # the folder may have changed since it was read above: check what was actually loaded
             _refuse_base_rewrite(vars(self.lora.peft_config[name]), folder)
+            self._refuse_raw_parameters(name, folder)
         except AdapterLoadError:
             self.lora.delete_adapter(name)  # puts a PiSSA/OLoRA residual back bit for bit
             raise
@@ -74,6 +75,18 @@ class ModelHost:
             raise AdapterLoadError(f"adapter {name!r} in {folder} has NaN/inf weights, or factors so large that "
                                    f"scaling·B·A exceeds {MAX_DELTA:g} and would overflow the activations")
         logger.info("loaded adapter %s from %s", name, folder)
+
+    def _refuse_raw_parameters(self, name: str, folder) -> None:
+        """A target_parameters adapter changes a weight every row shares: the per-row adapter choice
+        of a served batch can't apply to it, so every forward (base rows included) would fail."""
+        from lorakit.layers import LoraParameter
+
+        for layer in self.lora.lora_layers():
+            if isinstance(layer, LoraParameter) and name in layer.adapters:
+                raise AdapterLoadError(
+                    f"{folder}: the adapter uses target_parameters ({layer.param_name!r}), a weight shared by every "
+                    "row of a batch, so it can't be served beside the base and other adapters. Merge it "
+                    "(lorakit merge) and serve the merged checkpoint as the base")
 
     def _sane(self, name: str) -> bool:
         """Finite factors, and |scaling·B·A| ≤ scaling·‖B‖·‖A‖ (Frobenius, fp64) ≤ MAX_DELTA everywhere."""
