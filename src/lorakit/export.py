@@ -146,7 +146,10 @@ def merged_model(base_dir: Path, adapter_dirs: list[Path], weights: list[float] 
         lora.add_weighted_adapter(names, weights, "merged", combination_type="cat")
         names = ["merged"]
     lora.set_adapter(names)
-    merged = lora.merge_and_unload(names)
+    try:
+        merged = lora.merge_and_unload(names)
+    except ValueError as exc:  # e.g. lora_bias on a base layer without a bias: no checkpoint can hold it
+        raise MergeError(f"can't fold the adapter into {base_dir}: {exc}") from None
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
     return merged, source_dtype, quant

@@ -119,3 +119,17 @@ def test_a_weighted_mixture_refuses_parts_it_would_drop(tmp_path, extra):
     with pytest.raises(lorakit.errors.ConfigError, match=next(iter(extra))):
         host.mix("m", ["a"], [1.0])
     assert host.adapters == ["a"]
+
+
+def test_merge_of_lora_bias_on_a_base_without_biases_is_a_merge_error(tmp_path):
+    """PEFT trains lora_bias=True on a bias-less Llama; such an adapter serves and loads, but no
+    checkpoint of that architecture can hold the folded bias: a MergeError (the CLI's one-line
+    error), not a raw ValueError, and no output folder."""
+    from lorakit.export import MergeError, merge_to_checkpoint
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    pm.save_pretrained(tmp_path / "a")
+    with pytest.raises(MergeError, match="no bias"):
+        merge_to_checkpoint(tmp_path / "base", [tmp_path / "a"], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
