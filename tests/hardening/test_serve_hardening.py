@@ -255,7 +255,7 @@ def test_server_failed_and_refused_pissa_loads_leave_every_model_unchanged(dirs,
         assert unchanged()
         assert [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts] == before
         # a good PiSSA folder is refused too: its residual would change the base rows and every other
-        # adapter while loaded (test_serve_base_rewrite.py); delete's bit-for-bit restore is tested
+        # adapter while loaded (test_load_path_interactions.py); delete's bit-for-bit restore is tested
         # on the library (test_failed_load.py)
         response = client.post("/v1/adapters", json={"name": "p", "path": "pissa"})
         assert_openai_error(response, 400)

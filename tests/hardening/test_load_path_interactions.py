@@ -1,8 +1,10 @@
-"""The server refuses adapters that rewrite the shared base model.
+"""PEFT adapters through the server and `lorakit merge`: where features meet the load paths.
 
 Every adapter (and the plain base) is served from one base model. A PiSSA/OLoRA adapter writes
 its residual into the base weights and a bias="all"/"lora_only" adapter overwrites base biases:
-loaded, they silently changed the base rows and every other adapter's rows of a mixed batch.
+loaded, they silently changed the base rows and every other adapter's rows of a mixed batch. A
+target_parameters adapter made every batched forward fail. Mixtures dropped trainable tokens and
+modules_to_save; merge --weights kept a PiSSA residual at full weight.
 """
 
 from __future__ import annotations
