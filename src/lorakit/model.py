@@ -64,6 +64,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapters: list[str] = []
         self._disabled = False
+        self._base_numel: int | None = None  # the base's size, for the adapter-size bound (counted once)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -104,7 +105,9 @@ class LoraModel(nn.Module):
             raise ConfigError(f"{both[0]!r} is targeted by target_modules and by target_parameters; PEFT nests a "
                               "parameter wrapper inside the LoRA layer there, which lorakit does not: target the "
                               "module or its parameter, not both")
-        check_adapter_size(self.model, self._target_shapes(modules, params, config))  # before any allocation
+        if self._base_numel is None:
+            self._base_numel = sum(t.numel() for t in _base_tensors(self.model))
+        check_adapter_size(self._base_numel, self._target_shapes(modules, params, config))  # before any allocation
         self.peft_config[adapter_name] = config
         try:
             for path in modules:
@@ -514,8 +517,12 @@ class LoraModel(nn.Module):
         self._load(adapter_name, config, tensors)
 
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
-        """add_adapter + copy the tensors, as one transaction: on failure everything is put back."""
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        """add_adapter + copy the tensors, as one transaction: on failure everything is put back.
+
+        Only flags outside the adapters already loaded can change (the new adapter is deleted on
+        failure), so only those are recorded: the k-th load costs what the first did.
+        """
+        flags = [(p, p.requires_grad) for p in _base_tensors(self.model, buffers=False)]
         active, disabled = list(self.active_adapters), self._disabled
         try:
             config = prepare_load(self, config, tensors)  # e.g. keeps a shared A only if the file agrees
@@ -531,6 +538,22 @@ class LoraModel(nn.Module):
             for module in self._wrappers():
                 module.active_adapters = list(active)
             raise
+
+
+def _base_tensors(model: nn.Module, buffers: bool = True) -> Iterator[torch.Tensor]:
+    """The model's parameters (and buffers) that belong to no adapter: base weights, also inside LoRA
+    wrappers, and trainable copies / tokens. Adapter internals are never walked, so the cost doesn't
+    grow with the number of adapters loaded."""
+    for _, module in visible_modules(model):
+        if isinstance(module, LoraLayer):
+            owner, recurse = module.base, True
+        elif isinstance(module, (TrainableCopies, TrainableTokens)):
+            owner, recurse = module, True
+        else:
+            owner, recurse = module, False
+        yield from owner.parameters(recurse=recurse)
+        if buffers:
+            yield from owner.buffers(recurse=recurse)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

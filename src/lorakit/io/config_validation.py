@@ -146,12 +146,13 @@ def validate_adapter_tensors(tensors: Mapping[str, Any], source: str = "adapter_
                                    "(training diverged?) and would poison every output")
 
 
-def check_adapter_size(model: torch.nn.Module, shapes: Iterable[tuple[str, int, int, int]]) -> None:
+def check_adapter_size(base_numel: int, shapes: Iterable[tuple[str, int, int, int]]) -> None:
     """Refuse an adapter whose factors would dwarf the base: Σ r·(in + out) elements ≤ a bound.
 
-    `shapes` gives (module path, rank, in_features, out_features) per target.
+    `base_numel` is the base model's size (parameters and buffers, no adapters); `shapes` gives
+    (module path, rank, in_features, out_features) per target.
     """
-    base = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    base = base_numel
     budget = max(MAX_ADAPTER_TO_BASE * base, MIN_ADAPTER_BUDGET)
     total = 0
     for path, rank, fan_in, fan_out in shapes:

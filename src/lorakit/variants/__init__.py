@@ -84,7 +84,9 @@ def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) ->
     init = config.init_lora_weights
     is_pissa = isinstance(init, str) and init.startswith("pissa")
     others = [a for a in layer.adapters.values() if a is not adapter]
-    if others and (is_pissa or init == "olora" or any(hasattr(a, "pissa_a0") for a in others)):
+    # a dict lookup, not hasattr: nn.Module's __getattr__ raises for every miss, which made the k-th load
+    # on a layer cost O(k) exceptions
+    if others and (is_pissa or init == "olora" or any("pissa_a0" in a._buffers for a in others)):
         warnings.warn("a PiSSA/OLoRA adapter shares a layer with other adapters: it rewrote the base weight to "
                       "W0 − s·B0·A0, so the others see that residual. Keep PiSSA/OLoRA adapters alone, or convert "
                       "them with lorakit.variants.pissa.to_lora_factors", stacklevel=4)
