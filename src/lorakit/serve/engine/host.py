@@ -134,7 +134,7 @@ def _read_config(folder: Path, root) -> dict:
 
     try:
         data = json.loads(_read(folder / "adapter_config.json", root).decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         return {}
     return data if isinstance(data, dict) else {}
 
