@@ -75,12 +75,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def read_adapter_folder(folder: str | os.PathLike,
-                        root: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a PEFT-format adapter folder, or a clear AdapterLoadError.
+def read_adapter_config(folder: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The parsed adapter_config.json of an adapter folder, or a clear AdapterLoadError.
 
-    root: read only files that lie inside this folder after resolving symlinks, opened without
-    following links (:mod:`lorakit.io.rooted`); a file or folder that leaves it is refused.
+    root: as in :func:`read_adapter_folder`.
     """
     folder = Path(folder)
     if root is not None:
@@ -101,6 +99,18 @@ def read_adapter_folder(folder: str | os.PathLike,
         raise AdapterLoadError(f"{config_path} is not valid JSON ({reason}); the file is corrupt") from None
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_adapter_folder(folder: str | os.PathLike,
+                        root: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a PEFT-format adapter folder, or a clear AdapterLoadError.
+
+    root: read only files that lie inside this folder after resolving symlinks, opened without
+    following links (:mod:`lorakit.io.rooted`); a file or folder that leaves it is refused.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder, root)
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         try:

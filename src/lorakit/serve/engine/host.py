@@ -7,7 +7,6 @@ loads / unloads alike), so no lock is needed around the model.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import AdapterLoadError
+from lorakit.io.adapter_folder import read_adapter_config
 from lorakit.model import LoraModel
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ModelHost:
 
         root: read only files inside it (see :mod:`lorakit.io.rooted`).
         """
-        _refuse_base_rewrite(_read_config(Path(folder), root), folder)  # before anything is loaded
+        _refuse_base_rewrite(read_adapter_config(folder, root), folder)  # before anything is loaded
         if self.lora is None:
             self.lora = LoraModel.from_pretrained(self.base, folder, adapter_name=name, root=root)
         else:
@@ -126,17 +126,6 @@ class ModelHost:
         else:
             out = self.lora(input_ids, adapter_names=list(adapter_names), **kwargs)
         return out.logits
-
-
-def _read_config(folder: Path, root) -> dict:
-    """The folder's adapter_config.json ({} if it can't be parsed: the load reports that by name)."""
-    from lorakit.io.adapter_folder import _read
-
-    try:
-        data = json.loads(_read(folder / "adapter_config.json", root).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _refuse_base_rewrite(config: dict, folder) -> None:
