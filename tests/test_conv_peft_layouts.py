@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
+from lorakit.core.layers import LoraConv
 from lorakit.errors import MergeError, TargetModuleError
-from lorakit.layers import LoraConv
 
 
 class Net(nn.Module):

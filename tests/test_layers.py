@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, LoraParameter
+from lorakit.core.layers import LoraConv, LoraEmbedding, LoraLinear, LoraParameter
 
 
 def _randomize(layer, seed=0, scale=1.0):

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.core.layers import LoraMultiheadAttention
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraMultiheadAttention
 
 
 class Attn(nn.Module):
@@ -161,7 +161,7 @@ def test_separate_qkv_weights_are_refused_and_dropout_is_ignored_with_a_warning(
 def test_loraplus_speeds_up_both_b_factors_and_analysis_tools_refuse_the_folder(tmp_path):
     from lorakit.analysis.errors import UnsupportedAdapterError
     from lorakit.analysis.factors import read_adapter
-    from lorakit.variants.loraplus import param_groups
+    from lorakit.core.variants.loraplus import param_groups
 
     lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=["mha"]))
     ad = lm.model.mha.adapters["default"]
@@ -177,5 +177,5 @@ def test_the_inner_out_proj_is_refused_with_the_fix(targets):
     with pytest.raises(TargetModuleError, match="never calls it"):
         lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules=targets))
     lm = lorakit.get_lora_model(_make(), LoraConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
-    assert isinstance(lm.model.head, lorakit.layers.LoraLayer)
+    assert isinstance(lm.model.head, lorakit.core.layers.LoraLayer)
     assert lm(torch.randn(2, 3, 8)).shape == (2, 3, 3)

@@ -11,7 +11,7 @@ from factories import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetModuleError
-from lorakit.layers import LoraLayer, LoraLinear
+from lorakit.core.layers import LoraLayer, LoraLinear
 
 
 def _lora_names(model):

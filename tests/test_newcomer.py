@@ -48,7 +48,7 @@ def test_a_typo_in_a_loraconfig_keyword_names_the_closest_field(typo, meant):
 
 
 def test_variant_configs_and_replace_check_keywords_too():
-    from lorakit.variants import AdaLoraConfig
+    from lorakit.core.variants import AdaLoraConfig
 
     with pytest.raises(TypeError, match=r"AdaLoraConfig got an unknown keyword 'total_steps' \(did you mean 'total_step'"):
         AdaLoraConfig(target_modules=["q_proj"], total_steps=10)

@@ -22,7 +22,7 @@ from peft_exact import (
 from safetensors.torch import load_file
 
 import lorakit
-import lorakit.variants
+import lorakit.core.variants
 from lorakit import LoraConfig
 
 X_MLP = torch.randn(5, 10, generator=torch.Generator().manual_seed(7))
@@ -202,7 +202,7 @@ def test_init_matches_peft_and_folders_roundtrip(init, tmp_path):
     torch.manual_seed(11)
     ours = lorakit.get_lora_model(tiny_llama(), LoraConfig(**kwargs))
     peft_sd = peft.get_peft_model_state_dict(pm)
-    ours_sd = {k: v for k, v in lorakit.state_dict.get_adapter_state_dict(ours.model, "default").items()}
+    ours_sd = {k: v for k, v in lorakit.core.state_dict.get_adapter_state_dict(ours.model, "default").items()}
     assert sorted(peft_sd) == sorted(ours_sd)
     for key in peft_sd:
         assert torch.equal(peft_sd[key], ours_sd[key]), key
@@ -340,7 +340,7 @@ def test_adapters_on_raw_parameters_must_target_the_same_set():
         lm.add_adapter("other", LoraConfig(r=2, target_parameters=["rnn.weight_ih_l0"]))
     lm.add_adapter("same", LoraConfig(r=3, target_parameters=["rnn.weight_hh_l0", "rnn.weight_ih_l0"]))
     with pytest.raises(lorakit.ConfigError, match="AdaLoRA|ADALORA"):
-        lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_parameters=["rnn.weight_ih_l0"])
+        lorakit.core.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_parameters=["rnn.weight_ih_l0"])
 
 
 def test_a_module_and_its_own_parameter_both_targeted_is_refused():

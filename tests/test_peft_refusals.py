@@ -15,9 +15,9 @@ from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, 
 from peft_exact import MLP
 
 import lorakit
-import lorakit.variants
+import lorakit.core.variants
 from lorakit import AdapterLoadError, ConfigError, LoraConfig
-from lorakit.peft_features import UNSUPPORTED_INITS, UNSUPPORTED_KEYS
+from lorakit.core.peft_features import UNSUPPORTED_INITS, UNSUPPORTED_KEYS
 from lorakit.train.config import lora_config_from
 
 # key -> (a non-default value, the feature name the error must say)
@@ -140,7 +140,7 @@ def test_lora_bias_needs_plain_lora():
     with pytest.raises(ConfigError, match="lora_bias"):
         LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights="pissa")
     with pytest.raises(ConfigError, match="lora_bias.*ADALORA"):
-        lorakit.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"], lora_bias=True)
+        lorakit.core.variants.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["lin0"], lora_bias=True)
 
 
 @pytest.mark.parametrize("bad", [[1, 1], {"embed_tokens": [2, -1]}, "1,2", [1.5]])

@@ -9,9 +9,9 @@
     folder = lorakit.resolve_base("HuggingFaceTB/SmolLM2-135M")      # -> local checkpoint folder
 """
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.model import LoraModel, get_lora_model
 from lorakit.errors import AdapterError, AdapterLoadError, ConfigError, LorakitError, TargetModuleError
-from lorakit.model import LoraModel, get_lora_model
 
 __version__ = "0.1.0"
 

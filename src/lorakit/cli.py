@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from lorakit.errors import one_line
+
 THREADS_HELP = ("torch CPU threads (default: $LORAKIT_THREADS, else $OMP_NUM_THREADS, else min(physical cores, "
                 "CPUs the load average leaves idle), at least 1)")
 
@@ -22,10 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lorakit.bench.cli", "benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)"),
     "combine": ("lorakit.analysis.cli", "merge several adapters into one (weighted sum, concat, SVD, TIES, DARE)"),
     "compress": ("lorakit.analysis.cli", "lower an adapter's rank by truncated SVD of each layer's ΔW"),
-    "demo": ("lorakit.demo", "end-to-end demos: SmolLM2 LoRA/QLoRA + serving (llm), MiniLM (minilm)"),
-    "generate": ("lorakit.generate", "generate text with a causal LM + LoRA adapter"),
+    "demo": ("lorakit.demos.cli", "end-to-end demos: SmolLM2 LoRA/QLoRA + serving (llm), MiniLM (minilm)"),
+    "generate": ("lorakit.train.generate", "generate text with a causal LM + LoRA adapter"),
     "inspect": ("lorakit.analysis.cli", "per-layer norms, singular values and effective rank of an adapter"),
-    "merge": ("lorakit.export", "merge adapters into the base and save a plain transformers checkpoint"),
+    "merge": ("lorakit.export.merge", "merge adapters into the base and save a plain transformers checkpoint"),
     "plan": ("lorakit.analysis.cli", "parameter counts and peak-memory estimate of a LoRA training run"),
     "predict": ("lorakit.train.predict", "classify texts with a sequence classifier + LoRA adapter"),
     "serve": ("lorakit.serve.cli", "serve a base model and its adapters over an OpenAI-compatible HTTP API"),
@@ -41,13 +43,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (multi-line messages joined with '; ')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = "; ".join(lines) or type(exc).__name__
-    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

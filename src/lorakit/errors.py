@@ -53,3 +53,10 @@ def did_you_mean(name: str, choices: Iterable[str], aliases: dict[str, str] | No
 
 class MergeError(LorakitError, ValueError):
     """An adapter can't be merged into its layer's base weight (e.g. LoRA on a grouped convolution)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."

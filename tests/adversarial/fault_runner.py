@@ -37,7 +37,7 @@ def main() -> None:
             die()
         return real_replace(src, dst, *args, **kwargs)
 
-    import lorakit.export as export
+    import lorakit.export.merge as export
     import lorakit.train.checkpoint as checkpoint
 
     for module in (export, checkpoint):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import env_for_subprocess, save_adapter, save_base
 
-from lorakit.export import clean_stale, merge_to_checkpoint
+from lorakit.export.merge import clean_stale, merge_to_checkpoint
 from lorakit.train import checkpoint as ckpt
 
 HERE = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@ import pytest
 import torch
 from analysis_helpers import one_thread  # noqa: F401  (fixture)
 
-from lorakit import arithmetic as ar
+from lorakit.core import arithmetic as ar
 
 
 def factors(d: int, k: int, r: int, scaling: float, seed: int) -> ar.LoraFactors:

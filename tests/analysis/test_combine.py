@@ -8,9 +8,9 @@ import pytest
 import torch
 from analysis_helpers import Mixed, adapters_fixture, loaded_dense, one_thread, tiny_llama  # noqa: F401  (fixtures)
 
-from lorakit import arithmetic as ar
 from lorakit.analysis.combine import combine
 from lorakit.analysis.errors import IncompatibleAdaptersError, RankError
+from lorakit.core import arithmetic as ar
 
 WEIGHTS = [0.7, -0.4, 1.2]
 

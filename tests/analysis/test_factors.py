@@ -10,9 +10,9 @@ import torch
 from analysis_helpers import Mixed, adapters_fixture, loaded_dense, one_thread, tiny_llama  # noqa: F401  (fixtures)
 from safetensors.torch import load_file, save_file
 
-from lorakit import arithmetic as ar
 from lorakit.analysis.errors import CorruptAdapterError, NotAnAdapterError, UnsupportedAdapterError
 from lorakit.analysis.factors import read_adapter, write_adapter
+from lorakit.core import arithmetic as ar
 
 
 @pytest.mark.parametrize("which", ["a", "b", "mixed"])
@@ -135,7 +135,7 @@ def test_reads_adapters_written_by_lorakit(tmp_path):
     from analysis_helpers import randomize_lora
 
     import lorakit
-    from lorakit.layers import LoraLayer
+    from lorakit.core.layers import LoraLayer
 
     model = lorakit.get_lora_model(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
                                                                      target_modules=["q_proj", "v_proj"]))

@@ -51,7 +51,7 @@ def assert_same(before: dict, after: dict) -> None:
 
 def saved_adapter(tmp_path, variant: str, seed: int = 3):
     if variant == "adalora":
-        from lorakit.variants import AdaLoraConfig
+        from lorakit.core.variants import AdaLoraConfig
 
         cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     else:

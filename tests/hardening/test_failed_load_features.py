@@ -32,7 +32,7 @@ def conv_net():
 
 
 def _adalora_conv():
-    from lorakit.variants import AdaLoraConfig
+    from lorakit.core.variants import AdaLoraConfig
 
     return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["conv2d"])
 

@@ -82,7 +82,7 @@ def test_merge_refuses_weights_on_a_base_rewriting_adapter_and_merges_it_at_weig
     weight: a silently wrong checkpoint. Weight 1 (a plain fold) stays exact."""
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export import MergeError, merge_to_checkpoint
+    from lorakit.export.merge import MergeError, merge_to_checkpoint
 
     tiny_llama().save_pretrained(tmp_path / "base")
     model = lorakit.get_lora_model(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"],
@@ -127,7 +127,7 @@ def test_merge_of_lora_bias_on_a_base_without_biases_is_a_merge_error(tmp_path):
     """PEFT trains lora_bias=True on a bias-less Llama; such an adapter serves and loads, but no
     checkpoint of that architecture can hold the folded bias: a MergeError (the CLI's one-line
     error), not a raw ValueError, and no output folder."""
-    from lorakit.export import MergeError, merge_to_checkpoint
+    from lorakit.export.merge import MergeError, merge_to_checkpoint
 
     tiny_llama().save_pretrained(tmp_path / "base")
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))

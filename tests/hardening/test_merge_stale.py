@@ -8,7 +8,7 @@ import sys
 
 from serve_helpers_path import save_adapter, save_base
 
-from lorakit.export import clean_stale, merge_to_checkpoint
+from lorakit.export.merge import clean_stale, merge_to_checkpoint
 
 
 def _dead_pid() -> int:

@@ -185,9 +185,9 @@ assert len(BY_NAME) == len(CASES), "case names must be unique"
 # Cases whose feature is implemented (or refused) on the PEFT-exactness branch (issue 13 part 2a:
 # lora_bias, trainable tokens, KaSA/VeLoRA/MonteCLoRA refusals, OLoRA, PEFT's bias and
 # target_parameters keys, DoRA's operation order). Until that branch is merged (detected by its
-# lorakit.variants.lora_bias module) they run as expected failures; once it is, the table is empty
+# lorakit.core.variants.lora_bias module) they run as expected failures; once it is, the table is empty
 # and every case must pass or be refused.
-_MERGED = importlib.util.find_spec("lorakit.variants.lora_bias") is not None
+_MERGED = importlib.util.find_spec("lorakit.core.variants.lora_bias") is not None
 PENDING = {} if _MERGED else {
     "Vanilla MLP 7 LoRA with DoRA": "DoRA operation order",
     "Vanilla MLP 8 LoRA with DoRA": "DoRA operation order",

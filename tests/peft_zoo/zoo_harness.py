@@ -33,8 +33,8 @@ from zoo_cases import Case
 from zoo_models import MODELS, ROW_INDEPENDENT, make_input, reduction_length
 
 import lorakit
+from lorakit.core.variants import AdaLoraConfig
 from lorakit.errors import LorakitError, MergeError
-from lorakit.variants import AdaLoraConfig
 
 U32 = 2.0**-24  # fp32 unit roundoff
 PASS, REFUSED, DIFFERENT = "pass", "refused", "different"
@@ -347,7 +347,7 @@ def _check_delete(case, peft_dir, ours_dir, two, x, notes) -> None:
     _equal(_out(model, x), alone, "after deleting the other adapter")
     for name in left:
         model.delete_adapter(name)
-    if any(isinstance(m, lorakit.layers.LoraLayer) for m in model.model.modules()):
+    if any(isinstance(m, lorakit.core.layers.LoraLayer) for m in model.model.modules()):
         raise Different("LoRA layers left after deleting every adapter")
     if case.kwargs.get("bias", "none") != "none" or _rewrites_base(case):
         notes.append("delete: base not compared (trained biases or an init that rewrites W stay, as in PEFT)")

@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from serve_helpers import shared_model_dirs
 
+from lorakit.cli import run_command
 from lorakit.serve import cli
 
 
@@ -72,6 +73,6 @@ def test_full_queue_is_429(dirs):
 def test_cli_errors_are_one_line_and_exit_2(dirs, capsys, argv, message):
     if argv[0] != "--base":
         argv = ["--base", str(dirs["base"]), *argv]
-    assert cli.main(argv) == 2
+    assert run_command("serve", argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

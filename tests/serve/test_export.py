@@ -12,7 +12,8 @@ from tolerance import assert_close_fp32
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
-from lorakit import export
+from lorakit.cli import run_command
+from lorakit.export import merge as export
 
 # merged (W + ΔW)·x vs W·x + B·A·x differ by fp32 rounding only: up to 9 chained GEMMs in the tiny
 # Llama (q/k/v, o, gate/up, down in each of 2 layers, then lm_head), reductions of length <= 128
@@ -173,7 +174,7 @@ def _save_with_lorakit_quant(base_dir: Path, out: Path) -> torch.nn.Module:
 def test_merge_from_4bit_base_dequantises(dirs, tmp_path, capsys, writer):
     save = _save_4bit_base if writer == "bnb_layout" else _save_with_lorakit_quant
     reference = save(dirs["base"], tmp_path / "base4")
-    code = export.main(["--base", str(tmp_path / "base4"), "--adapter", str(dirs["a"]), "--out", str(tmp_path / "o")])
+    code = run_command("merge", ["--base", str(tmp_path / "base4"), "--adapter", str(dirs["a"]), "--out", str(tmp_path / "o")])
     assert code == 0
     assert "base is 4-bit (nf4, double quant): dequantised" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
@@ -183,9 +184,9 @@ def test_merge_from_4bit_base_dequantises(dirs, tmp_path, capsys, writer):
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(dirs, tmp_path, capsys):
-    assert export.main(["--base", str(tmp_path), "--adapter", str(dirs["a"]), "--out", str(tmp_path / "x")]) == 2
+    assert run_command("merge", ["--base", str(tmp_path), "--adapter", str(dirs["a"]), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
-    code = export.main(["--base", str(dirs["base"]), "--adapter", str(dirs["a"]), "--weights", "1", "2",
+    code = run_command("merge", ["--base", str(dirs["base"]), "--adapter", str(dirs["a"]), "--weights", "1", "2",
                         "--out", str(tmp_path / "x")])
     assert code == 2 and "one each" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

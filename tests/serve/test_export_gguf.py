@@ -12,8 +12,8 @@ from serve_helpers import save_adapter, shared_model_dirs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
-from lorakit import export
 from lorakit.cli import main
+from lorakit.export import merge as export
 
 gguf = pytest.importorskip("gguf")
 
@@ -194,7 +194,7 @@ def test_q8_0_within_the_format_bound(dirs, tmp_path):
 
 
 def test_pre_tokenizer_name_follows_the_split_rules():
-    from lorakit.gguf_export import tokenizer_metadata
+    from lorakit.export.gguf import tokenizer_metadata
 
     assert tokenizer_metadata(bpe_tokenizer(digits=True), 300)["pre"] == "smollm"
     assert tokenizer_metadata(bpe_tokenizer(), 300)["pre"] == "gpt-2"

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf")
 
 import lorakit  # noqa: E402
-from lorakit import export, gguf_export  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
+from lorakit.export import gguf as gguf_export  # noqa: E402
+from lorakit.export import merge as export  # noqa: E402
 from lorakit.models import SMOLLM2, resolve_base, smollm2_gguf  # noqa: E402
 
 # general.* provenance keys llama.cpp copies from the hub card (license, org ...) that a local folder lacks

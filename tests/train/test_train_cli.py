@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lorakit.cli import main
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
 
 
 def test_train_help_documents_every_key(capsys):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig, describe_keys, load_config
 

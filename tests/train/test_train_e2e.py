@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.generate import generate_text
 from lorakit.train.config import load_config
+from lorakit.train.generate import generate_text
 from lorakit.train.model_setup import load_trained
 from lorakit.train.trainer import train
 

@@ -14,8 +14,8 @@ from variant_helpers import logits
 
 import lorakit
 from lorakit import ConfigError
-from lorakit.variants import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, training_hooks
-from lorakit.variants.adalora_budget import AdaLoraController
+from lorakit.core.variants import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, training_hooks
+from lorakit.core.variants.adalora_budget import AdaLoraController
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12, lora_alpha=8, beta1=0.8, beta2=0.9,
@@ -33,7 +33,7 @@ def _peft(**kw):
 def _pairs(ours, pm):
     """(our adapter, PEFT layer) for every adapted module."""
     for path, module in ours.model.named_modules():
-        if isinstance(module, lorakit.layers.LoraLayer):
+        if isinstance(module, lorakit.core.layers.LoraLayer):
             yield module.adapters["default"], pm.base_model.model.get_submodule(path)
 
 
@@ -168,7 +168,7 @@ def test_training_run_matches_peft_step_for_step(tmp_path):
         torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-6)
         pattern = pm.peft_config["default"].rank_pattern or {}
         for path, module in ours.model.named_modules():
-            if isinstance(module, lorakit.layers.LoraLayer):
+            if isinstance(module, lorakit.core.layers.LoraLayer):
                 ad, layer = module.adapters["default"], pm.base_model.model.get_submodule(path)
                 peft_kept = pattern.get(f"{path}.lora_E.default", [True] * 4)
                 assert ad.kept.tolist() == peft_kept, f"step {step}"

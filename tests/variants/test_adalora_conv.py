@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorakit
+from lorakit.core.variants import AdaLoraConfig, AdaLoraConvAdapter, training_hooks
+from lorakit.core.variants.adalora_budget import AdaLoraController
 from lorakit.errors import TargetModuleError
-from lorakit.variants import AdaLoraConfig, AdaLoraConvAdapter, training_hooks
-from lorakit.variants.adalora_budget import AdaLoraController
 
 SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=6, lora_alpha=8)
 

@@ -10,8 +10,8 @@ from variant_helpers import Fake4bitLinear, logits, quantize_linears
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.variants import AdaLoraConfig, set_rank
-from lorakit.variants.adalora_budget import AdaLoraController
+from lorakit.core.variants import AdaLoraConfig, set_rank
+from lorakit.core.variants.adalora_budget import AdaLoraController
 
 TARGETS = ["q_proj", "v_proj"]
 VARIANTS = {

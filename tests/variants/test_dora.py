@@ -11,7 +11,7 @@ from variant_helpers import Fake4bitLinear, logits, quantize_linears
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.variants import DoraAdapter
+from lorakit.core.variants import DoraAdapter
 
 CASES = {
     "llama-qv-embed": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])),
@@ -150,7 +150,7 @@ def test_conv_dora_matches_peft():
     ours = lorakit.get_lora_model(net(), LoraConfig(**cfg))
     randomize_lora(ours)
     pm = peft.get_peft_model(net(), peft.LoraConfig(**cfg))
-    peft.set_peft_model_state_dict(pm, lorakit.state_dict.get_adapter_state_dict(ours.model, "default"))
+    peft.set_peft_model_state_dict(pm, lorakit.core.state_dict.get_adapter_state_dict(ours.model, "default"))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), pm(x), rtol=0, atol=2e-6)
         ref = ours(x)

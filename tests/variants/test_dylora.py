@@ -12,8 +12,8 @@ from variant_helpers import logits
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.variants import DyLoraAdapter, set_rank, training_hooks
-from lorakit.variants.dylora import DyLoraController, plot_rank_sweep, rank_sweep
+from lorakit.core.variants import DyLoraAdapter, set_rank, training_hooks
+from lorakit.core.variants.dylora import DyLoraController, plot_rank_sweep, rank_sweep
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 

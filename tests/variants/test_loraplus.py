@@ -8,7 +8,7 @@ from factories import MODELS
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.variants.loraplus import param_groups
+from lorakit.core.variants.loraplus import param_groups
 
 
 def test_groups_put_every_b_at_ratio_times_lr_and_everything_else_at_lr():

@@ -13,7 +13,7 @@ from variant_helpers import logits, quantize_linears
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.variants.pissa import to_lora_factors
+from lorakit.core.variants.pissa import to_lora_factors
 
 
 # ---------------------------------------------------------------------- rsLoRA

@@ -13,7 +13,7 @@ from variant_helpers import logits
 
 import lorakit
 from lorakit import ConfigError, LoraConfig
-from lorakit.variants import SharedAAdapter
+from lorakit.core.variants import SharedAAdapter
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from lorakit import arithmetic as ar
 from lorakit.analysis.errors import IncompatibleAdaptersError, RankError
 from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
+from lorakit.core import arithmetic as ar
 
 METHODS = ("linear", "concat", "svd", "ties", "dare")
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit import arithmetic as ar
 from lorakit.analysis.errors import RankError
 from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
+from lorakit.core import arithmetic as ar
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from lorakit.analysis.errors import CorruptAdapterError, NotAnAdapterError, UnsupportedAdapterError
-from lorakit.arithmetic import LoraFactors
-from lorakit.config import LoraConfig
+from lorakit.core.arithmetic import LoraFactors
+from lorakit.core.config import LoraConfig
 from lorakit.errors import AdapterLoadError, ConfigError
 from lorakit.io import CONFIG_NAME, read_adapter_folder, write_adapter_folder
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit import arithmetic as ar
 from lorakit.analysis.errors import CheckpointError, IncompatibleAdaptersError
 from lorakit.analysis.factors import Adapter, read_adapter
+from lorakit.core import arithmetic as ar
 
 
 @dataclass

@@ -168,7 +168,7 @@ class ParamCount:
 def count_parameters(model: nn.Module, r: int, target: str | list[str]) -> ParamCount:
     """LoRA parameter counts for `model` (any nn.Module; build it on the meta device), which is wrapped in place."""
     import lorakit
-    from lorakit.layers import LoraLayer
+    from lorakit.core.layers import LoraLayer
 
     base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     wrapped = lorakit.get_lora_model(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target))
@@ -183,7 +183,7 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
     import lorakit
     from lorakit.analysis.memtrace import LiveMemory, fake_cpu_module
     from lorakit.analysis.nf4_standin import quantize_standins
-    from lorakit.layers import LoraLayer
+    from lorakit.core.layers import LoraLayer
 
     validate(request)
     config = load_model_config(request.model)

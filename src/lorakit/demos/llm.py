@@ -212,9 +212,9 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorakit.generate import quiet_transformers
     from lorakit.models import resolve_base
     from lorakit.train.data import encode_lm
+    from lorakit.train.generate import quiet_transformers
     from lorakit.train.records import read_records
 
     quiet_transformers()

@@ -73,7 +73,7 @@ def check_switching(results: dict[str, dict[str, Any]]) -> list[str]:
     """Both adapters on one base: reload == trained, merged == unmerged, mixed batch == each alone."""
     import torch
 
-    from lorakit.model import LoraModel
+    from lorakit.core.model import LoraModel
     from lorakit.train.data import collate, pad_id
     from lorakit.train.distributed import DistInfo
     from lorakit.train.evaluate import evaluate
@@ -162,7 +162,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; `args`: quick (bool), out (folder). Threads are the CLI's choice (lorakit.threads)."""
-    from lorakit.generate import quiet_transformers
+    from lorakit.train.generate import quiet_transformers
 
     quiet_transformers()
     out = Path(args.out)

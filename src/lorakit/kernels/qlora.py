@@ -3,7 +3,7 @@
 ``y = x·dequant(W)ᵀ + b + s·(x_d·Aᵀ)·Bᵀ``: forward runs :func:`lorakit.kernels.nf4.linear` (no
 dense W in memory) and :func:`lorakit.kernels.lora.lora_add_` (in place into y); backward runs
 :func:`lorakit.kernels.nf4.grad_input` for ``g·W`` and cuBLAS for the rank-r products, with the
-same algebra as the CPU path (``lorakit.layers.linear._FusedLoraLinear``).
+same algebra as the CPU path (``lorakit.core.layers.linear._FusedLoraLinear``).
 """
 
 from __future__ import annotations

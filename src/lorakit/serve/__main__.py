@@ -2,6 +2,6 @@
 
 import sys
 
-from lorakit.serve.cli import main
+from lorakit.cli import run_command
 
-sys.exit(main())
+sys.exit(run_command("serve"))

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         app = build_app(args)
     except (ValueError, OSError, LorakitError, ServeError) as exc:
-        from lorakit.cli import one_line
+        from lorakit.errors import one_line
 
         print(f"lorakit serve: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -124,9 +124,3 @@ def _run(args: argparse.Namespace) -> int:
                 http=protocol_class(args.body_timeout), timeout_keep_alive=5)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `lorakit serve` alone (e.g. `python -m lorakit.serve`)."""
-    from lorakit.cli import run_command
-
-    return run_command("serve", argv)

@@ -73,10 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.cli import one_line
-    from lorakit.errors import LorakitError
-    from lorakit.generate import quiet_transformers
+    from lorakit.errors import LorakitError, one_line
     from lorakit.train.config import load_config
+    from lorakit.train.generate import quiet_transformers
 
     quiet_transformers()
     try:

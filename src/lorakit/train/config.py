@@ -31,9 +31,9 @@ from pydantic import (
     model_validator,
 )
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.peft_features import check_peft_features
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
-from lorakit.peft_features import check_peft_features
 
 
 class _Section(BaseModel):
@@ -228,7 +228,7 @@ def _is_builtin(path: str) -> bool:
 def lora_config_class(peft_type: str) -> type[LoraConfig]:
     if str(peft_type).upper() == "LORA":
         return LoraConfig
-    from lorakit.variants import config_class_for_peft_type
+    from lorakit.core.variants import config_class_for_peft_type
 
     return config_class_for_peft_type(str(peft_type).upper())
 

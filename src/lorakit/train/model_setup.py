@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from lorakit.core.model import LoraModel, get_lora_model
 from lorakit.errors import ConfigError
-from lorakit.model import LoraModel, get_lora_model
 from lorakit.train.config import TrainConfig
 from lorakit.train.presets import load_base, save_base
 

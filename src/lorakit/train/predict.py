@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.errors import LorakitError
-    from lorakit.generate import quiet_transformers
+    from lorakit.train.generate import quiet_transformers
     from lorakit.train.model_setup import load_trained
     from lorakit.train.records import read_records
 

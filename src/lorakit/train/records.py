@@ -106,7 +106,7 @@ def check_record(fields: Any, fmt: str, text_field: str = "text", label_field: s
 
 def read_records(path: str, fmt: str = "auto", on_bad_record: str = "error", text_field: str = "text",
                  label_field: str = "label", split: str = "train", limit: int | None = None) -> Records:
-    """All records of a data file (``builtin:<task>`` reads a lorakit.tasks split)."""
+    """All records of a data file (``builtin:<task>`` reads a lorakit.train.tasks split)."""
     if path.startswith("builtin:"):
         return _builtin(path.removeprefix("builtin:"), split, fmt, text_field, label_field, limit)
     file = Path(path)
@@ -185,7 +185,7 @@ def _read_csv(file: Path, label_field: str):
 
 
 def _builtin(name: str, split: str, fmt: str, text_field: str, label_field: str, limit: int | None) -> Records:
-    from lorakit.tasks import load_task
+    from lorakit.train.tasks import load_task
 
     if fmt not in ("auto", "classification"):
         raise DataError(f"builtin:{name} is a classification task; data.format must be auto or classification")

@@ -376,7 +376,7 @@ class Trainer:
 def variant_hooks(model: Any, seed: int) -> list[Any]:
     """Per-step hooks of variant adapters (AdaLoRA budget, DyLoRA rank draw); none for plain LoRA."""
     try:
-        from lorakit.variants import training_hooks
+        from lorakit.core.variants import training_hooks
     except ImportError:  # a build without variants
         return []
     return list(training_hooks(model, seed=seed))

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lorakit.core.model import LoraModel
 from lorakit.errors import AdapterLoadError
 from lorakit.io.adapter_folder import read_adapter_config
-from lorakit.model import LoraModel
 
 logger = logging.getLogger(__name__)
 MAX_DELTA = 1e30  # bound on any ΔW entry a served adapter may have (fp32 overflows at 3.4e38)
@@ -79,7 +79,7 @@ class ModelHost:
     def _refuse_raw_parameters(self, name: str, folder) -> None:
         """A target_parameters adapter changes a weight every row shares: the per-row adapter choice
         of a served batch can't apply to it, so every forward (base rows included) would fail."""
-        from lorakit.layers import LoraParameter
+        from lorakit.core.layers import LoraParameter
 
         for layer in self.lora.lora_layers():
             if isinstance(layer, LoraParameter) and name in layer.adapters:
@@ -142,7 +142,7 @@ def _refuse_base_rewrite(config: dict, folder) -> None:
             f"{folder}: init_lora_weights={init!r} rewrites the base weights (W0 - s*B0*A0), which would change "
             "the base model and every other adapter served beside it. Convert it to a plain LoRA relative to "
             "the original base (PEFT's path_initial_model_for_weight_conversion, or "
-            "lorakit.variants.pissa.to_lora_factors), or merge it (lorakit merge) and serve that as the base")
+            "lorakit.core.variants.pissa.to_lora_factors), or merge it (lorakit merge) and serve that as the base")
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterLoadError(

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lorakit.core.layers import LoraLayer
+from lorakit.core.layers.param import LoraParameter
+from lorakit.core.modules_to_save import TrainableCopies
+from lorakit.core.targeting import named_wrappers
+from lorakit.core.trainable_tokens import SUFFIX as TOKENS_SUFFIX
+from lorakit.core.trainable_tokens import TrainableTokens
 from lorakit.errors import AdapterLoadError
-from lorakit.layers import LoraLayer
-from lorakit.layers.param import LoraParameter
-from lorakit.modules_to_save import TrainableCopies
-from lorakit.targeting import named_wrappers
-from lorakit.trainable_tokens import SUFFIX as TOKENS_SUFFIX
-from lorakit.trainable_tokens import TrainableTokens
 
 PREFIX = "base_model.model."
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.layers import LoraLayer
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.layers import LoraLayer
 
 SUFFIX = "token_adapter.trainable_tokens_delta"
 
@@ -162,7 +162,7 @@ class TrainableTokens(nn.Module):
 def add_trainable_tokens(model: nn.Module, name: str, spec, replace) -> None:
     """Wrap the embedding(s) `spec` names and give adapter `name` its rows; `replace(path, module)`
     swaps a module in. A tied output layer (same weight tensor) gets a wrapper that follows them."""
-    from lorakit.targeting import visible_modules  # targeting imports this module
+    from lorakit.core.targeting import visible_modules  # targeting imports this module
 
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None

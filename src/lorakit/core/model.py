@@ -19,16 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lorakit import arithmetic
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, AdapterLoadError, ConfigError
-from lorakit.io import read_adapter_folder, write_adapter_folder
-from lorakit.io.config_validation import check_adapter_size, validate_adapter_config, validate_adapter_tensors
-from lorakit.layers import LoraLayer, RowRouting, wrap_module
-from lorakit.layers.param import LoraParameter
-from lorakit.modules_to_save import TrainableCopies
-from lorakit.state_dict import get_adapter_state_dict, load_adapter_state_dict
-from lorakit.targeting import (
+from lorakit.core import arithmetic
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers import LoraLayer, RowRouting, wrap_module
+from lorakit.core.layers.param import LoraParameter
+from lorakit.core.modules_to_save import TrainableCopies
+from lorakit.core.state_dict import get_adapter_state_dict, load_adapter_state_dict
+from lorakit.core.targeting import (
     SEQ_CLS_HEAD_NAMES,
     find_target_modules,
     find_target_parameters,
@@ -36,8 +33,11 @@ from lorakit.targeting import (
     named_wrappers,
     visible_modules,
 )
-from lorakit.trainable_tokens import TrainableTokens, add_trainable_tokens
-from lorakit.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter, teardown_adapter
+from lorakit.core.trainable_tokens import TrainableTokens, add_trainable_tokens
+from lorakit.core.variants import DoraAdapter, adapter_class, prepare_load, setup_adapter, teardown_adapter
+from lorakit.errors import AdapterError, AdapterLoadError, ConfigError
+from lorakit.io import read_adapter_folder, write_adapter_folder
+from lorakit.io.config_validation import check_adapter_size, validate_adapter_config, validate_adapter_tensors
 
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -579,7 +579,7 @@ def _config_from_dict(data: dict) -> LoraConfig:
     peft_type = str(data.get("peft_type", "LORA")).upper()
     if peft_type == "LORA":
         return LoraConfig.from_dict(data)
-    from lorakit.variants import config_class_for_peft_type
+    from lorakit.core.variants import config_class_for_peft_type
 
     return config_class_for_peft_type(peft_type).from_dict(data)
 

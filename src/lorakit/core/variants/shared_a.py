@@ -25,10 +25,10 @@ import warnings
 
 import torch
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers import LoraAdapter, LoraLayer
+from lorakit.core.state_dict import _normalise_key, adapter_tensor_refs
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraAdapter, LoraLayer
-from lorakit.state_dict import _normalise_key, adapter_tensor_refs
 
 
 class SharedAAdapter(LoraAdapter):

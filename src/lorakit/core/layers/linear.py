@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit import kernels
-from lorakit.layers.base import LoraLayer
+from lorakit.core.layers.base import LoraLayer
 from lorakit.quant.linear4bit import KeptWeight, keep_for_backward
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.layers.base import LoraAdapter, LoraLayer
 from lorakit.errors import MergeError, TargetModuleError
-from lorakit.layers.base import LoraAdapter, LoraLayer
 
 
 class LoraConv(LoraLayer):

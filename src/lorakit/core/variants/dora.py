@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraParameter
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraAdapter, LoraConv, LoraEmbedding, LoraLayer, LoraLinear, LoraParameter
 
 
 def _out_axis(layer: LoraLayer) -> int:

@@ -30,7 +30,7 @@ from lorakit.errors import AdapterError
 class LoraAdapter(nn.Module):
     """The trainable factors of one adapter on one layer: ΔW = scaling · B·A.
 
-    ``lora_a`` is (r, in, *kernel) and ``lora_b`` is (out, r, *1s). Variants (``lorakit.variants``)
+    ``lora_a`` is (r, in, *kernel) and ``lora_b`` is (out, r, *1s). Variants (``lorakit.core.variants``)
     subclass this, set ``custom_math = True`` and override ``output``, ``delta``, ``merge_into`` and
     ``unmerge_from``; the layer then routes through those instead of its fast paths.
     """

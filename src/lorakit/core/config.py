@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.core.peft_features import check_peft_features
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
-from lorakit.peft_features import check_peft_features
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -52,7 +52,7 @@ class LoraConfig(metaclass=_KnownKeywords):
     fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
     init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
     use_rslora: bool = False  # rank-stabilised scaling α/√r
-    use_dora: bool = False  # weight-decomposed LoRA (see lorakit.variants)
+    use_dora: bool = False  # weight-decomposed LoRA (see lorakit.core.variants)
     lora_bias: bool = False  # lora_B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full
     # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn as nn
 
+from lorakit.core.layers import LoraAdapter, LoraLayer, LoraLinear
 from lorakit.errors import ConfigError, TargetModuleError
-from lorakit.layers import LoraAdapter, LoraLayer, LoraLinear
 
 
 def _linear_only(layer: LoraLayer, what: str) -> None:

@@ -31,17 +31,22 @@ from typing import Protocol
 
 import torch
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers import LoraAdapter, LoraConv, LoraLayer
+from lorakit.core.variants.adalora import (
+    AdaLoraAdapter,
+    AdaLoraConfig,
+    orthogonal_loss,
+    trainable_adalora_name,
+)
+from lorakit.core.variants.adalora_conv import AdaLoraConvAdapter
+from lorakit.core.variants.dora import DoraAdapter
+from lorakit.core.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
+from lorakit.core.variants.lora_bias import LoraBiasAdapter
+from lorakit.core.variants.olora import olora_init, orthogonal_init
+from lorakit.core.variants.pissa import pissa_init, restore_base
+from lorakit.core.variants.shared_a import SharedAAdapter
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraAdapter, LoraConv, LoraLayer
-from lorakit.variants.adalora import AdaLoraAdapter, AdaLoraConfig, orthogonal_loss, trainable_adalora_name
-from lorakit.variants.adalora_conv import AdaLoraConvAdapter
-from lorakit.variants.dora import DoraAdapter
-from lorakit.variants.dylora import DyLoraAdapter, DyLoraController, dylora_adapters, set_rank
-from lorakit.variants.lora_bias import LoraBiasAdapter
-from lorakit.variants.olora import olora_init, orthogonal_init
-from lorakit.variants.pissa import pissa_init, restore_base
-from lorakit.variants.shared_a import SharedAAdapter
 
 __all__ = [
     "AdaLoraAdapter",
@@ -89,7 +94,7 @@ def setup_adapter(layer: LoraLayer, adapter: LoraAdapter, config: LoraConfig) ->
     if others and (is_pissa or init == "olora" or any("pissa_a0" in a._buffers for a in others)):
         warnings.warn("a PiSSA/OLoRA adapter shares a layer with other adapters: it rewrote the base weight to "
                       "W0 − s·B0·A0, so the others see that residual. Keep PiSSA/OLoRA adapters alone, or convert "
-                      "them with lorakit.variants.pissa.to_lora_factors", stacklevel=4)
+                      "them with lorakit.core.variants.pissa.to_lora_factors", stacklevel=4)
     if is_pissa:
         pissa_init(layer, adapter, init)
     elif init == "olora":
@@ -107,7 +112,7 @@ def teardown_adapter(layer: LoraLayer, adapter: LoraAdapter) -> None:
 def prepare_load(model: torch.nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
     """The config to load a folder with (a shared A is kept only if the file agrees with the owner's)."""
     if config.shared_a_with:
-        from lorakit.variants.shared_a import prepare_load as shared_prepare
+        from lorakit.core.variants.shared_a import prepare_load as shared_prepare
 
         return shared_prepare(model, config, tensors)
     return config
@@ -132,7 +137,7 @@ class TrainingHook(Protocol):
 
 def training_hooks(model: torch.nn.Module, seed: int = 0) -> list[TrainingHook]:
     """The per-step hooks the model's trainable variant adapters need (empty for plain LoRA)."""
-    from lorakit.variants.adalora_budget import AdaLoraController
+    from lorakit.core.variants.adalora_budget import AdaLoraController
 
     hooks: list[TrainingHook] = []
     if trainable_adalora_name(model) is not None:

@@ -16,7 +16,7 @@ config names) and has no LoRA modules left: inference costs exactly what the bas
   Temporary folders a killed merge left behind are removed by the next merge into the same
   ``--out`` (:func:`clean_stale`), and a previous ``--out`` caught mid-swap is put back.
 * ``--format gguf`` (:func:`merge_to_gguf`): the same merge written as one GGUF file for llama.cpp /
-  Ollama (Llama-family bases; f32, f16, bf16 or q8_0), see :mod:`lorakit.gguf_export`.
+  Ollama (Llama-family bases; f32, f16, bf16 or q8_0), see :mod:`lorakit.export.gguf`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 MERGE_INFO = "lorakit_merge.json"
-GGUF_TYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")  # lorakit.gguf_export.GGUF_TYPES (not imported: gguf is optional)
+GGUF_TYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")  # lorakit.export.gguf.GGUF_TYPES (not imported: gguf is optional)
 
 
 class MergeError(ValueError):
@@ -60,7 +60,7 @@ class MergeReport:
     dtype: str
     dequantized_4bit: str | None = None  # e.g. "nf4 (double quant)" when the base was 4-bit
     files: list[str] = field(default_factory=list)
-    gguf: Any = None  # lorakit.gguf_export.GGUFReport for --format gguf
+    gguf: Any = None  # lorakit.export.gguf.GGUFReport for --format gguf
 
 
 def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike],
@@ -97,11 +97,11 @@ def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathL
                   weights: list[float] | None = None, gguf_type: str = "f16", overwrite: bool = False) -> MergeReport:
     """Merge `adapter_dirs` into a Llama-family base and write one GGUF file (llama.cpp / Ollama / transformers).
 
-    gguf_type: f32, f16, bf16 or q8_0 for the 2-D weights (norms stay f32). See :mod:`lorakit.gguf_export`.
+    gguf_type: f32, f16, bf16 or q8_0 for the 2-D weights (norms stay f32). See :mod:`lorakit.export.gguf`.
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from lorakit import gguf_export
+    from lorakit.export import gguf as gguf_export
     from lorakit.models import resolve_base
 
     base_dir, out_file = resolve_base(base_dir), Path(out_file)  # a preset, a folder or a hub id
@@ -135,7 +135,7 @@ def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathL
 
 def merged_model(base_dir: Path, adapter_dirs: list[Path], weights: list[float] | None = None):
     """(base with the adapters folded in, fp32; the base checkpoint's dtype name; "nf4 ..." if it was 4-bit)."""
-    from lorakit.model import LoraModel
+    from lorakit.core.model import LoraModel
 
     model, source_dtype, quant = load_base(base_dir)
     names = [f"adapter{i}" for i in range(len(adapter_dirs))]
@@ -171,7 +171,7 @@ def _check_inputs(base_dir: Path, adapter_dirs: list[Path], out_dir: Path, weigh
             # W0 − s·B0·A0: a weighted combination of B·A would keep the residual at full weight
             raise MergeError(f"--adapter {folder}: init_lora_weights={init!r} can't be combined with --weights "
                              "(the adapter rewrote the base to its residual). Merge it alone or with weights 1, or "
-                             "convert it to a plain LoRA first (lorakit.variants.pissa.to_lora_factors)")
+                             "convert it to a plain LoRA first (lorakit.core.variants.pissa.to_lora_factors)")
     if weights is not None and len(weights) != len(adapter_dirs):
         raise MergeError(f"--weights has {len(weights)} values for {len(adapter_dirs)} adapters; give one each")
     if weights is not None and not all(math.isfinite(w) for w in weights):
@@ -394,8 +394,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lorakit.cli import one_line
-    from lorakit.errors import LorakitError
+    from lorakit.errors import LorakitError, one_line
 
     try:
         if args.format == "gguf":
@@ -421,9 +420,3 @@ def _run(args: argparse.Namespace) -> int:
           f"{', '.join(report.files)})")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `lorakit merge` alone (e.g. `python -m lorakit.serve`)."""
-    from lorakit.cli import run_command
-
-    return run_command("merge", argv)

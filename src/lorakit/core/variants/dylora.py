@@ -4,7 +4,7 @@
 
 Each training step uses a rank b drawn uniformly from 1..r (the same b in every layer); the draw
 for step t is a pure function of (seed, t), so a resumed run sees the same ranks. The trainer's
-hook (:class:`DyLoraController`, from :func:`lorakit.variants.training_hooks`) sets it after
+hook (:class:`DyLoraController`, from :func:`lorakit.core.variants.training_hooks`) sets it after
 every optimizer step; without the hook, training uses the full rank r (plain LoRA). In eval mode
 the adapter runs at its ``active_rank`` (default r): :func:`set_rank` picks it and
 :func:`rank_sweep` evaluates every rank. The file is a plain rank-r LoRA folder (``use_dylora``
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.core.layers import LoraAdapter, LoraLayer
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraAdapter, LoraLayer
 
 
 class DyLoraAdapter(LoraAdapter):

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.errors import ConfigError
-from lorakit.variants.adalora import (
+from lorakit.core.variants.adalora import (
     AdaLoraAdapter,
     AdaLoraConfig,
     adalora_adapters,
     orthogonal_loss,
     trainable_adalora_name,
 )
+from lorakit.errors import ConfigError
 
 
 class AdaLoraController:

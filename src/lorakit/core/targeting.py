@@ -16,12 +16,12 @@ from collections.abc import Iterator
 
 import torch.nn as nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.core.config import ALL_LINEAR, LoraConfig
+from lorakit.core.layers import LoraLayer, LoraLinear, is_linear_like, wrap_module
+from lorakit.core.layers.param import LoraParameter, innermost
+from lorakit.core.modules_to_save import TrainableCopies
+from lorakit.core.trainable_tokens import TrainableTokens
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraLayer, LoraLinear, is_linear_like, wrap_module
-from lorakit.layers.param import LoraParameter, innermost
-from lorakit.modules_to_save import TrainableCopies
-from lorakit.trainable_tokens import TrainableTokens
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 

@@ -23,8 +23,8 @@ import re
 
 import torch
 
+from lorakit.core.layers import LoraAdapter, LoraLayer, LoraLinear
 from lorakit.errors import ConfigError, TargetModuleError
-from lorakit.layers import LoraAdapter, LoraLayer, LoraLinear
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.layers import LoraAdapter, LoraConv, LoraLayer, LoraLinear
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraAdapter, LoraConv, LoraLayer, LoraLinear
 
 
 class LoraBiasAdapter(LoraAdapter):

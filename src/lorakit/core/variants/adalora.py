@@ -4,7 +4,7 @@
 
 exactly as PEFT computes it (``ranknum`` is the layer's initial rank ``init_r``; pruned triplets
 have Λ = 0). Training adds the orthogonality penalty :func:`orthogonal_loss` to the loss and calls
-:class:`~lorakit.variants.adalora_budget.AdaLoraController` after each optimizer step; it masks
+:class:`~lorakit.core.variants.adalora_budget.AdaLoraController` after each optimizer step; it masks
 the least important triplets on a cubic budget schedule and records ``rank_pattern``.
 
 File format = PEFT's: tensors ``<module>.lora_A`` (r × in), ``.lora_E`` (r × 1), ``.lora_B``
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers import LoraAdapter, LoraLayer, LoraLinear
 from lorakit.errors import ConfigError, TargetModuleError
-from lorakit.layers import LoraAdapter, LoraLayer, LoraLinear
 
 RANKNUM_EPS = 1e-5  # PEFT's guard: scaling = α / (ranknum + 1e-5)
 

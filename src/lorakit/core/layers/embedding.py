@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.layers.base import LoraAdapter, LoraLayer
+from lorakit.core.layers.base import LoraAdapter, LoraLayer
 
 
 class LoraEmbedding(LoraLayer):

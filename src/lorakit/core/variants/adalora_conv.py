@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.layers import LoraConv, LoraLayer
+from lorakit.core.variants.adalora import RANKNUM_EPS, AdaLoraAdapter, AdaLoraConfig
 from lorakit.errors import TargetModuleError
-from lorakit.layers import LoraConv, LoraLayer
-from lorakit.variants.adalora import RANKNUM_EPS, AdaLoraAdapter, AdaLoraConfig
 
 
 class AdaLoraConvAdapter(AdaLoraAdapter):

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from lorakit.core.layers.base import LoraLayer
 from lorakit.errors import TargetModuleError
-from lorakit.layers.base import LoraLayer
 
 
 class LoraParameter(LoraLayer):

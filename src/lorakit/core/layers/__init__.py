@@ -1,11 +1,11 @@
 """LoRA layers: a wrapped base module plus named adapters (see base.py for the shared math)."""
 
-from lorakit.layers.base import LoraAdapter, LoraLayer, RowRouting
-from lorakit.layers.conv import LoraConv
-from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.linear import LoraLinear, is_conv1d, is_linear_like
-from lorakit.layers.mha import LoraMultiheadAttention
-from lorakit.layers.param import LoraParameter
+from lorakit.core.layers.base import LoraAdapter, LoraLayer, RowRouting
+from lorakit.core.layers.conv import LoraConv
+from lorakit.core.layers.embedding import LoraEmbedding
+from lorakit.core.layers.linear import LoraLinear, is_conv1d, is_linear_like
+from lorakit.core.layers.mha import LoraMultiheadAttention
+from lorakit.core.layers.param import LoraParameter
 
 __all__ = [
     "LoraAdapter",

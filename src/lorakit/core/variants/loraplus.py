@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.core.layers import LoraLayer
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraLayer
 
 
 def param_groups(model: torch.nn.Module, lr: float, ratio: float = 16.0,

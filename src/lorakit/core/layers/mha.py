@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from lorakit.core.layers.base import LoraAdapter, LoraLayer, RowRouting
 from lorakit.errors import TargetModuleError
-from lorakit.layers.base import LoraAdapter, LoraLayer, RowRouting
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _PLAIN_INITS = (True, False, "gaussian")
