@@ -307,3 +307,58 @@ def test_mixed_batch_cache_follows_in_place_updates(input_ids):
         alone = lm(input_ids[1:2]).logits
     assert torch.equal(second[0], first[0]) and not torch.allclose(second[1], first[1])
     torch.testing.assert_close(second[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_model_with_no_adapters_is_the_base_bit_for_bit_until_the_first_one(input_ids, tmp_path):
+    """LoraModel(model) holds no adapters (a server starts so): the base runs unchanged, nothing is
+    wrapped; the first add_adapter wraps the targets and is active, exactly as get_lora_model(model, config)."""
+    base = tiny_llama()
+    with torch.no_grad():
+        ref = base(input_ids).logits
+    empty = lorakit.LoraModel(copy.deepcopy(base))
+    assert lorakit.get_lora_model(copy.deepcopy(base)).peft_config == {} and empty.peft_config == {}
+    assert _lora_names(empty) == [] and not any(p.requires_grad for p in empty.parameters())
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids).logits, ref)
+        assert torch.equal(empty(input_ids, adapter_names=[None] * len(input_ids)).logits, ref)
+    with pytest.raises(AdapterError, match="no adapters"):
+        empty.save_pretrained(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(AdapterError, match="add_adapter or load_adapter first"):
+        _ = empty.active_adapter
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    direct = lorakit.get_lora_model(copy.deepcopy(base), config)
+    randomize_lora(direct, 1)
+    direct.save_pretrained(tmp_path / "a")
+    empty.add_adapter("default", config)
+    assert empty.active_adapters == ["default"] and _lora_names(empty) == _lora_names(direct)
+    assert {n for n, p in empty.named_parameters() if p.requires_grad} == {
+        n for n, p in direct.named_parameters() if p.requires_grad}
+    empty.load_adapter(tmp_path / "a", "loaded")
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids, adapter_names=["loaded"] * len(input_ids)).logits,
+                           direct(input_ids).logits)
+    empty.delete_adapter("default")
+    empty.delete_adapter("loaded")  # back to no adapters: the base modules themselves again
+    assert _lora_names(empty) == [] and empty.active_adapters == []
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids).logits, ref)
+
+
+def test_the_first_adapter_loaded_into_an_empty_model_is_active_and_a_failed_one_leaves_it_empty(input_ids,
+                                                                                                tmp_path):
+    base = tiny_llama()
+    direct = lorakit.get_lora_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["k_proj"]))
+    randomize_lora(direct, 2)
+    direct.save_pretrained(tmp_path / "a")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"r": 2, "target_modules": ["k_proj"]}')
+    empty = lorakit.LoraModel(copy.deepcopy(base))
+    with pytest.raises(lorakit.errors.AdapterLoadError):
+        empty.load_adapter(tmp_path / "bad", "bad")  # no weights file
+    assert empty.peft_config == {} and _lora_names(empty) == [] and empty.active_adapters == []
+    empty.load_adapter(tmp_path / "a", "a")
+    assert empty.active_adapters == ["a"]
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids).logits, direct(input_ids).logits)

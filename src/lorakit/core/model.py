@@ -52,11 +52,22 @@ def check_adapter_name(name: str) -> str:
 
 
 class LoraModel(nn.Module):
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+    """`model`, frozen, with named LoRA adapters injected in place.
+
+    Args:
+        model: the base model; its parameters are frozen and its LoRA targets are wrapped in place.
+        config: the first adapter's config. None builds a LoraModel with no adapters: it runs the
+            base model bit for bit until :meth:`add_adapter` / :meth:`load_adapter` wraps the targets
+            (a server holds one from the start and loads adapters as requests name them).
+        adapter_name: the first adapter's name (with `config`).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default"):
         super().__init__()
         self._attach(model)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     def _attach(self, model: nn.Module) -> None:
         """Hold `model` frozen, with no adapters yet."""
@@ -127,6 +138,8 @@ class LoraModel(nn.Module):
             raise
         self._sync_wrappers()
         self._update_trainable(only=adapter_name)
+        if not self.active_adapters:  # the first adapter of an empty model is the active one, as at construction
+            self.set_adapter(adapter_name)
 
     def _target_shapes(self, modules: list[str], params: list[tuple[str, str]], config: LoraConfig):
         """(path, rank, fan_in, fan_out) of every target, for the size bound."""
@@ -167,7 +180,7 @@ class LoraModel(nn.Module):
 
     def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
         """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
-        add_trainable_tokens(self.model, name, config.trainable_token_indices, self._replace)
+        add_trainable_tokens(self.model, name, config.trainable_token_indices, self._replace, visible_modules)
 
     def _add_to_parameter(self, path: str, param_name: str, name: str, config: LoraConfig) -> None:
         module = self.model.get_submodule(path) if path else self.model
@@ -237,6 +250,8 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
+        if not self.active_adapters:
+            raise AdapterError("no adapter is active (the model has none yet): add_adapter or load_adapter first")
         return self.active_adapters[0]
 
     def _update_trainable(self, only: str | None = None) -> None:
@@ -472,6 +487,9 @@ class LoraModel(nn.Module):
                         selected_adapters: Iterable[str] | None = None) -> None:
         """One PEFT-format folder per adapter ("default" at the top, others in a subfolder)."""
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if not names:
+            raise AdapterError("nothing to save: the model has no adapters (add_adapter or load_adapter first)"
+                               if not self.peft_config else "selected_adapters is empty: name at least one adapter")
         for name in names:
             if name not in self.peft_config:
                 raise AdapterError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
@@ -495,10 +513,8 @@ class LoraModel(nn.Module):
         """
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        lora_model = cls.__new__(cls)
-        nn.Module.__init__(lora_model)
         try:
-            lora_model._attach(model)
+            lora_model = cls(model)
             lora_model._load(adapter_name, config, tensors)
             lora_model.set_adapter(adapter_name)
         except BaseException:
@@ -556,8 +572,11 @@ def _base_tensors(model: nn.Module, buffers: bool = True) -> Iterator[torch.Tens
             yield from owner.buffers(recurse=recurse)
 
 
-def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
-    """Freeze `model`, inject one LoRA adapter as `config` says, and return the LoraModel."""
+def get_lora_model(model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default") -> LoraModel:
+    """Freeze `model`, inject one LoRA adapter as `config` says, and return the LoraModel.
+
+    With no `config` the LoraModel has no adapters yet (see :class:`LoraModel`).
+    """
     return LoraModel(model, config, adapter_name)
 
 
