@@ -75,14 +75,15 @@ def build_demo_models(folder: Path, adapters: int = 4, rank: int = 16, hidden: i
 
 
 def _engine(base_model, dirs: dict[str, Path], names: list[str], max_loaded: int, max_batch: int, tokenizer):
-    from lorakit.serve.engine import Engine, ModelHost
+    from lorakit.core.model import LoraModel
+    from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry
 
-    host = ModelHost(base_model)
-    registry = AdapterRegistry(host, "base", max_loaded=max_loaded, root=dirs["root"])
+    served = LoraModel(base_model)  # no adapters yet: the registry loads them
+    registry = AdapterRegistry(served, "base", max_loaded=max_loaded, root=dirs["root"])
     for i, name in enumerate(names):
         registry.add(name, dirs[name], load=i < max_loaded)
-    engine = Engine(host, registry, tokenizer, max_batch=max_batch)
+    engine = Engine(served, registry, tokenizer, max_batch=max_batch)
     engine.start()
     return engine
 

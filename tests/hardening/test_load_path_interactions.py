@@ -17,7 +17,8 @@ from tolerance import assert_close_fp32
 
 import lorakit
 from lorakit.errors import AdapterLoadError
-from lorakit.serve.engine import ModelHost
+from lorakit.serve.engine.host import forward
+from lorakit.serve.loading import load_served_adapter
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
 BAD = {
@@ -47,15 +48,15 @@ def test_a_peft_adapter_that_rewrites_the_base_is_refused_and_changes_nothing(tm
     randomize_lora(good, 2)
     good.save_pretrained(tmp_path / "good")
 
-    host = ModelHost(llama())
-    host.load("good", tmp_path / "good", root=tmp_path)
-    before = host.forward(IDS, ["good", None]).clone()
-    state = {k: v.clone() for k, v in host.lora.state_dict().items()}
+    host = lorakit.LoraModel(llama())  # no adapters yet, as the server holds it
+    load_served_adapter(host, "good", tmp_path / "good", root=tmp_path)
+    before = forward(host, IDS, ["good", None]).clone()
+    state = {k: v.clone() for k, v in host.state_dict().items()}
     with pytest.raises(AdapterLoadError, match="rewrites the base|overwrites the base|target_parameters"):
-        host.load("bad", tmp_path / "bad", root=tmp_path)
-    assert host.adapters == ["good"]
-    assert torch.equal(host.forward(IDS, ["good", None]), before)
-    after = host.lora.state_dict()
+        load_served_adapter(host, "bad", tmp_path / "bad", root=tmp_path)
+    assert list(host.peft_config) == ["good"]
+    assert torch.equal(forward(host, IDS, ["good", None]), before)
+    after = host.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
@@ -67,9 +68,9 @@ def test_lora_bias_and_orthogonal_adapters_still_serve_beside_the_base(tmp_path)
         with torch.no_grad():
             ref = pm(IDS).logits
         pm.save_pretrained(tmp_path / name)
-        host = ModelHost(llama())
-        host.load(name, tmp_path / name, root=tmp_path)
-        out = host.forward(IDS, [name, None])
+        host = lorakit.LoraModel(llama())
+        load_served_adapter(host, name, tmp_path / name, root=tmp_path)
+        out = forward(host, IDS, [name, None])
         with torch.no_grad():
             base = llama()(IDS).logits
         assert_close_fp32(out[0], ref[0], reduction=128, depth=9)  # batched vs PEFT's single pass
@@ -116,11 +117,11 @@ def test_a_weighted_mixture_refuses_parts_it_would_drop(tmp_path, extra):
             if p.requires_grad:
                 p.add_(0.1)
     pm.save_pretrained(tmp_path / "a")
-    host = ModelHost(llama())
-    host.load("a", tmp_path / "a")
+    host = lorakit.LoraModel(llama())  # no adapters yet, as the server holds it
+    load_served_adapter(host, "a", tmp_path / "a")
     with pytest.raises(lorakit.errors.ConfigError, match=next(iter(extra))):
-        host.mix("m", ["a"], [1.0])
-    assert host.adapters == ["a"]
+        host.add_weighted_adapter(["a"], [1.0], "m")
+    assert list(host.peft_config) == ["a"]
 
 
 def test_merge_of_lora_bias_on_a_base_without_biases_is_a_merge_error(tmp_path):

@@ -243,12 +243,12 @@ def test_server_failed_and_refused_pissa_loads_leave_every_model_unchanged(dirs,
     save_file(tensors, broken / "adapter_model.safetensors")
     prompts = [{**GREEDY, "model": m, "max_tokens": 8} for m in ("base", "a")]
     with TestClient(make_app(dirs, root), headers=KEY) as client:
-        host = client.app.state.registry.host
+        host = client.app.state.registry.model
         before = [client.post("/v1/completions", json=p).json()["choices"][0]["text"] for p in prompts]
-        weights = {k: v.clone() for k, v in host.base.state_dict().items()}
+        weights = {k: v.clone() for k, v in host.model.state_dict().items()}
 
         def unchanged() -> bool:
-            now = host.base.state_dict()
+            now = host.model.state_dict()
             return now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items())
 
         assert_openai_error(client.post("/v1/adapters", json={"name": "pb", "path": "pissa-broken"}), 400)

@@ -11,8 +11,10 @@ from serve_helpers import make_tokenizer, shared_model_dirs
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import lorakit
-from lorakit.serve.engine import BatchCache, Engine, GenerationRequest, ModelHost, load_base_model
+from lorakit.serve.engine import BatchCache, Engine, GenerationRequest, load_base_model
+from lorakit.serve.engine.host import forward
 from lorakit.serve.generation import SamplingParams
+from lorakit.serve.loading import load_served_adapter
 from lorakit.serve.registry import AdapterRegistry
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -29,11 +31,11 @@ def dirs():
 
 
 def make_engine(dirs, max_loaded: int = 8, max_batch: int = 8) -> Engine:
-    host = ModelHost(load_base_model(dirs["base"]))
-    registry = AdapterRegistry(host, "base", max_loaded=max_loaded, root=dirs["root"])
+    model = lorakit.LoraModel(load_base_model(dirs["base"]))
+    registry = AdapterRegistry(model, "base", max_loaded=max_loaded, root=dirs["root"])
     for name in "abc":
         registry.add(name, dirs[name], load=False)
-    return Engine(host, registry, make_tokenizer(), max_batch=max_batch)
+    return Engine(model, registry, make_tokenizer(), max_batch=max_batch)
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +106,22 @@ def test_greedy_matches_transformers_generate(engine, dirs):
 
 def test_left_padding_changes_logits_by_rounding_only(dirs):
     """A decode step for a short row padded to a long row's width equals its unpadded step."""
-    host = ModelHost(load_base_model(dirs["base"]))
-    host.load("a", dirs["a"])
+    model = lorakit.LoraModel(load_base_model(dirs["base"]))
+    load_served_adapter(model, "a", dirs["a"])
     rows = [([5, 9, 40], "a"), ([7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], None)]
     batch, alone = BatchCache(), []
     for ids, adapter in rows:
-        cache = DynamicCache(config=host.config)
-        host.forward(torch.tensor([ids]), [adapter], kv_cache=cache)
+        cache = DynamicCache(config=model.config)
+        forward(model, torch.tensor([ids]), [adapter], kv_cache=cache)
         batch.join(cache, len(ids))
-        solo = DynamicCache(config=host.config)
-        host.forward(torch.tensor([ids]), [adapter], kv_cache=solo)
-        alone.append(host.forward(torch.tensor([[20]]), [adapter], kv_cache=solo,
-                                  position_ids=torch.tensor([[len(ids)]]))[0, -1])
+        solo = DynamicCache(config=model.config)
+        forward(model, torch.tensor([ids]), [adapter], kv_cache=solo)
+        alone.append(forward(model, torch.tensor([[20]]), [adapter], kv_cache=solo,
+                             position_ids=torch.tensor([[len(ids)]]))[0, -1])
     mask, positions = batch.step_inputs()
     assert mask.tolist()[0] == [0] * 8 + [1] * 4 and positions.flatten().tolist() == [3, 11]
-    step = host.forward(torch.tensor([[20], [20]]), ["a", None], kv_cache=batch.cache, attention_mask=mask,
-                        position_ids=positions)[:, -1]
+    step = forward(model, torch.tensor([[20], [20]]), ["a", None], kv_cache=batch.cache, attention_mask=mask,
+                   position_ids=positions)[:, -1]
     for i in range(2):
         assert (step[i] - alone[i]).abs().max().item() < 1e-5
         assert int(step[i].argmax()) == int(alone[i].argmax())
@@ -162,7 +164,7 @@ def test_lru_eviction_keeps_running_adapters_and_reloads_transparently(dirs):
         assert run(engine, [jobs[0]])[0] == first[0]  # "a" was evicted and comes back
         assert engine.registry.loaded == ["c", "a"] and engine.registry.loads == 4
         assert run(engine, jobs) == first  # 3 adapters, 2 slots: the third waits for a free slot
-        assert len(engine.host.adapters) <= 2
+        assert len(engine.model.peft_config) <= 2
     finally:
         engine.stop()
 

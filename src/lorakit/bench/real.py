@@ -144,11 +144,11 @@ def qlora_step(path: Path, repeats: int) -> list[Row]:
     """NF4 (double quant) base + all-linear r=16: lorakit vs PEFT + bitsandbytes, interleaved."""
     import bitsandbytes as bnb
 
-    import lorakit
+    from lorakit.quant import quantize_model
 
     base = load(path)
     ids = core.batch(base.config.vocab_size, BATCH, SEQ)
-    ours = lorakit.quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
+    ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
     ours = core.lorakit_model(ours, "all-linear")
     theirs = copy.deepcopy(base)
     _bnb_quantize(theirs, bnb)
@@ -162,12 +162,12 @@ def qlora_step(path: Path, repeats: int) -> list[Row]:
 # ------------------------------------------------------------------------------------------ decoding
 def _adapters(base, folder: Path, count: int = 4) -> dict[str, Path]:
     """`count` random all-linear r=16 adapters saved in PEFT format (non-zero B, as after training)."""
-    import lorakit
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.model import get_lora_model
 
     out = {}
     for i in range(count):
-        model = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=16, lora_alpha=32,
-                                                                              target_modules="all-linear"))
+        model = get_lora_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -179,14 +179,15 @@ def _adapters(base, folder: Path, count: int = 4) -> dict[str, Path]:
 
 
 def _engine(model, adapters: dict[str, Path], tokenizer, max_batch: int):
-    from lorakit.serve.engine import Engine, ModelHost
+    from lorakit.core.model import LoraModel
+    from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry
 
-    host = ModelHost(model)
-    registry = AdapterRegistry(host, "base", max_loaded=max(1, len(adapters)))
+    served = LoraModel(model)  # no adapters yet: the registry loads them
+    registry = AdapterRegistry(served, "base", max_loaded=max(1, len(adapters)))
     for name, folder in adapters.items():
         registry.add(name, folder, load=True)
-    engine = Engine(host, registry, tokenizer, max_batch=max_batch)
+    engine = Engine(served, registry, tokenizer, max_batch=max_batch)
     engine.start()
     return engine
 
@@ -243,7 +244,7 @@ def decode_and_serve(path: Path, repeats: int, sections: tuple[str, ...] = ("dec
     import peft
     from transformers import AutoTokenizer
 
-    import lorakit
+    from lorakit.core.model import LoraModel
 
     base = load(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -253,7 +254,7 @@ def decode_and_serve(path: Path, repeats: int, sections: tuple[str, ...] = ("dec
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         adapters = _adapters(base, Path(tmp))
         names = list(adapters)
-        merged = lorakit.LoraModel.from_pretrained(copy.deepcopy(base), adapters["ad0"]).merge_and_unload()
+        merged = LoraModel.from_pretrained(copy.deepcopy(base), adapters["ad0"]).merge_and_unload()
         peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapters["ad0"]).eval()
         eng_merged = _engine(merged, {}, tokenizer, max_batch=8)
         eng_lora = _engine(copy.deepcopy(base), adapters, tokenizer, max_batch=8)

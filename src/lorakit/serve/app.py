@@ -38,7 +38,7 @@ FALLBACK_CHAT_TEMPLATE = (  # used when the base tokenizer has none: plain "role
 def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: ServeSettings) -> FastAPI:
     """The app; its lifespan starts the engine's worker and stops it on shutdown."""
     created = int(time.time())
-    vocab_size = engine.host.config.vocab_size
+    vocab_size = engine.model.config.vocab_size
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

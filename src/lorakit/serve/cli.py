@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from lorakit.cli import THREADS_HELP
+    from lorakit.threads import THREADS_HELP
 
     p = subparsers.add_parser(
         "serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API",
@@ -72,9 +72,10 @@ def build_app(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
+    from lorakit.core.model import LoraModel
     from lorakit.models import resolve_base
     from lorakit.serve.app import create_app
-    from lorakit.serve.engine import Engine, ModelHost, load_base_model
+    from lorakit.serve.engine import Engine, load_base_model
     from lorakit.serve.http import ServeSettings
     from lorakit.serve.registry import AdapterRegistry
 
@@ -89,11 +90,11 @@ def build_app(args: argparse.Namespace):
     if base_name in adapters:
         raise ValueError(f"adapter name {base_name!r} is the base model's name; rename one")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    host = ModelHost(load_base_model(base_dir, args.dtype))
-    registry = AdapterRegistry(host, base_name, max_loaded=args.max_adapters, root=args.adapter_root)
+    model = LoraModel(load_base_model(base_dir, args.dtype))  # no adapters yet: the registry loads them
+    registry = AdapterRegistry(model, base_name, max_loaded=args.max_adapters, root=args.adapter_root)
     for i, (name, folder) in enumerate(adapters.items()):
         registry.add(name, folder, load=i < args.max_adapters)  # the rest load on first use
-    engine = Engine(host, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(model, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
     settings = ServeSettings(base_name=base_name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                              max_tokens_cap=args.max_tokens_cap, request_timeout=args.request_timeout,
                              body_timeout=getattr(args, "body_timeout", 30.0))

@@ -21,10 +21,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.core.model import LoraModel
 from lorakit.errors import LorakitError
 from lorakit.io.rooted import OutsideRootError
-from lorakit.serve.engine.host import ModelHost
 from lorakit.serve.errors import BadRequest, Conflict, ModelNotFound, NotFound, PermissionDenied
+from lorakit.serve.loading import load_served_adapter, unload_served_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,10 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 class AdapterRegistry:
-    def __init__(self, host: ModelHost, base_name: str, max_loaded: int = 8, root: str | Path | None = None):
+    def __init__(self, model: LoraModel, base_name: str, max_loaded: int = 8, root: str | Path | None = None):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be ≥ 1, got {max_loaded}")
-        self.host = host
+        self.model = model  # the served LoraModel, shared with the engine
         self.base_name = base_name
         self.max_loaded = max_loaded
         self.root = Path(root).resolve() if root is not None else None
@@ -221,7 +222,8 @@ class AdapterRegistry:
             for component in mixture.components:  # may overflow the cap briefly; trimmed below
                 self._load_file(component, protected | set(mixture.components))
             try:
-                self.host.mix(key, mixture.components, mixture.weights)
+                self.model.add_weighted_adapter(list(mixture.components), list(mixture.weights), key,
+                                                combination_type="cat")  # exact: Σ wᵢ·ΔWᵢ
             except (LorakitError, ValueError) as exc:
                 raise BadRequest(f"can't build mixture {mixture.components}: {exc}", param="model",
                                  code="invalid_mixture") from None
@@ -245,7 +247,7 @@ class AdapterRegistry:
             raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
         self._evict(protected, room_for=1)
         try:
-            self.host.load(name, path, root=root)
+            load_served_adapter(self.model, name, path, root=root)
         except OutsideRootError as exc:
             raise PermissionDenied(f"adapter {name!r}: {exc}", param="path", code="path_outside_root") from None
         except (LorakitError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -263,7 +265,7 @@ class AdapterRegistry:
             self._unload(victim)
 
     def _unload(self, key: str) -> None:
-        self.host.unload(key)
+        unload_served_adapter(self.model, key)
         with self._lock:
             self._loaded.pop(key, None)
 

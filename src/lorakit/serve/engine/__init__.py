@@ -1,7 +1,7 @@
-"""The generation engine: model host, batched KV cache and the continuous-batching worker."""
+"""The generation engine: the served model, batched KV cache and the continuous-batching worker."""
 
 from lorakit.serve.engine.batcher import Engine, EngineStats, GenerationEvent, GenerationRequest
-from lorakit.serve.engine.host import ModelHost, load_base_model
+from lorakit.serve.engine.host import load_base_model
 from lorakit.serve.engine.kv import BatchCache, UnsupportedCacheError
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "EngineStats",
     "GenerationEvent",
     "GenerationRequest",
-    "ModelHost",
     "UnsupportedCacheError",
     "load_base_model",
 ]

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from lorakit.serve.engine.host import ModelHost
+from lorakit.core.model import LoraModel
+from lorakit.serve.engine.host import forward
 from lorakit.serve.engine.kv import BatchCache
 from lorakit.serve.errors import EngineError, Overloaded, ServeError
 from lorakit.serve.generation import SamplingParams, TextStream, sample_rows
@@ -91,13 +92,13 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, host: ModelHost, registry: AdapterRegistry, tokenizer, max_batch: int = 8,
+    def __init__(self, model: LoraModel, registry: AdapterRegistry, tokenizer, max_batch: int = 8,
                  max_queue: int = 256, max_context: int | None = None):
-        self.host, self.registry, self.tokenizer = host, registry, tokenizer
+        self.model, self.registry, self.tokenizer = model, registry, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        config = host.config
+        config = model.config
         self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
-        self.eos_ids = _eos_ids(host.base, tokenizer)
+        self.eos_ids = _eos_ids(model.model, tokenizer)
         self.stats = EngineStats()
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
@@ -201,8 +202,8 @@ class Engine:
 
     def _prefill(self, request: GenerationRequest) -> None:
         ids = torch.tensor([request.prompt_ids], dtype=torch.long)  # (1, L)
-        cache = DynamicCache(config=self.host.config)
-        logits = self.host.forward(ids, [request.adapter], kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
+        cache = DynamicCache(config=self.model.config)
+        logits = forward(self.model, ids, [request.adapter], kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
         self.stats.prefills += 1
         params = request.params
         row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
@@ -226,8 +227,8 @@ class Engine:
         mask, positions = self._cache.step_inputs()
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)  # (B, 1)
         try:
-            logits = self.host.forward(ids, names, kv_cache=self._cache.cache, attention_mask=mask,
-                                       position_ids=positions)[:, -1].float()  # (B, V)
+            logits = forward(self.model, ids, names, kv_cache=self._cache.cache, attention_mask=mask,
+                             position_ids=positions)[:, -1].float()  # (B, V)
         except Exception as exc:
             logger.exception("decode step failed; failing its %d rows", len(rows))
             self.stats.failures += 1
