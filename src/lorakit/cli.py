@@ -15,9 +15,7 @@ import os
 import sys
 
 from lorakit.errors import one_line
-
-THREADS_HELP = ("torch CPU threads (default: $LORAKIT_THREADS, else $OMP_NUM_THREADS, else min(physical cores, "
-                "CPUs the load average leaves idle), at least 1)")
+from lorakit.threads import THREADS_HELP
 
 # command name -> (module defining register(subparsers), one-line help for `lorakit --help`)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 
 THREADS_ENV = "LORAKIT_THREADS"
+# every command's --threads help (here, not in cli.py: the commands' own modules add it too)
+THREADS_HELP = ("torch CPU threads (default: $LORAKIT_THREADS, else $OMP_NUM_THREADS, else min(physical cores, "
+                "CPUs the load average leaves idle), at least 1)")
 
 
 @dataclass(frozen=True)

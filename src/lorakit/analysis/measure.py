@@ -68,7 +68,6 @@ def _child(payload: dict) -> Measured:
 
     import torch
 
-    import lorakit
     from lorakit.analysis.plan import (
         DTYPES,
         build_model,
@@ -78,6 +77,7 @@ def _child(payload: dict) -> Measured:
         lora_config,
         step_loss,
     )
+    from lorakit.core.model import get_lora_model
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(payload["threads"])
@@ -91,7 +91,7 @@ def _child(payload: dict) -> Measured:
     model = build_model(config, DTYPES[request.resolved_dtype()], device="cpu")
     if request.grad_checkpointing:
         enable_checkpointing(model)
-    model = lorakit.get_lora_model(model, lora_config(request))
+    model = get_lora_model(model, lora_config(request))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rss1 = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:

@@ -121,7 +121,7 @@ def step_loss(model: nn.Module, input_ids: torch.Tensor, causal: bool) -> torch.
 
 
 def lora_config(request: PlanRequest) -> Any:
-    from lorakit import LoraConfig
+    from lorakit.core.config import LoraConfig
 
     return LoraConfig(r=request.r, lora_alpha=2 * request.r, target_modules=request.target)
 
@@ -167,11 +167,12 @@ class ParamCount:
 
 def count_parameters(model: nn.Module, r: int, target: str | list[str]) -> ParamCount:
     """LoRA parameter counts for `model` (any nn.Module; build it on the meta device), which is wrapped in place."""
-    import lorakit
+    from lorakit.core.config import LoraConfig
     from lorakit.core.layers import LoraLayer
+    from lorakit.core.model import get_lora_model
 
     base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    wrapped = lorakit.get_lora_model(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target))
+    wrapped = get_lora_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=target))
     trainable = sum(p.numel() for p in {id(p): p for p in wrapped.parameters()}.values() if p.requires_grad)
     return ParamCount(trainable, base, sum(1 for m in wrapped.modules() if isinstance(m, LoraLayer)))
 
@@ -180,10 +181,11 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
     """Parameter counts and the peak-memory split of one LoRA training step (see module doc)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import lorakit
     from lorakit.analysis.memtrace import LiveMemory, fake_cpu_module
     from lorakit.analysis.nf4_standin import quantize_standins
     from lorakit.core.layers import LoraLayer
+    from lorakit.core.model import get_lora_model
+    from lorakit.errors import LorakitError
 
     validate(request)
     config = load_model_config(request.model)
@@ -198,8 +200,8 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
         n = quantize_standins(model)
         notes.append(f"nf4: {n} Linear weights at 4 bits + double-quantised scales (not validated by a measured run)")
     try:
-        model = lorakit.get_lora_model(model, lora_config(request))
-    except (lorakit.LorakitError, ValueError) as exc:
+        model = get_lora_model(model, lora_config(request))
+    except (LorakitError, ValueError) as exc:
         raise PlanError(f"LoRA config doesn't fit {request.model}: {exc}") from None
     trainable = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
     frozen = [t for t in _unique_tensors(model) if not (isinstance(t, nn.Parameter) and t.requires_grad)]

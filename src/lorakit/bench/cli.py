@@ -12,7 +12,7 @@ import time
 
 
 def register(subparsers) -> None:
-    from lorakit.cli import THREADS_HELP
+    from lorakit.threads import THREADS_HELP
 
     p = subparsers.add_parser(
         "bench",

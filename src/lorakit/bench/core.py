@@ -115,10 +115,11 @@ def forward_step(model, ids: torch.Tensor, **kwargs) -> Callable[[], None]:
 
 
 def lorakit_model(base, target, r: int = 16, adapters: int = 1, randomize: bool = True):
-    import lorakit
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.model import get_lora_model
 
-    cfg = lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target)
-    lm = lorakit.get_lora_model(base, cfg, "a0")
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target)
+    lm = get_lora_model(base, cfg, "a0")
     for i in range(1, adapters):
         lm.add_adapter(f"a{i}", cfg)
     if randomize:

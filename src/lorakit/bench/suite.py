@@ -118,13 +118,13 @@ def adapter_loading(count: int = 50) -> list[Row]:
     """Time to load the k-th adapter onto one base, 1st vs `count`-th (lorakit and PEFT)."""
     import peft
 
-    import lorakit
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.model import LoraModel, get_lora_model
 
     base = core.llama(hidden=256, layers=4, inter=768, vocab=4000)
     with tempfile.TemporaryDirectory() as tmp:
-        lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=16, target_modules="all-linear")
-                               ).save_pretrained(tmp)
-        lm = lorakit.LoraModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="a0")
+        get_lora_model(copy.deepcopy(base), LoraConfig(r=16, target_modules="all-linear")).save_pretrained(tmp)
+        lm = LoraModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="a0")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp, adapter_name="a0")
         ours, theirs = [], []
         for i in range(1, count + 1):
@@ -188,13 +188,13 @@ def qlora_step(repeats: int) -> list[Row]:
     try:
         import bitsandbytes as bnb
         import peft
-
-        import lorakit
     except ImportError as exc:
         return [Row(f"QLoRA skipped ({exc})", float("nan"), 1.0, "-", "")]
+    from lorakit.quant import quantize_model
+
     base = core.llama(hidden=512, layers=4, inter=1536)
     ids = core.batch(8000, 4, 128)
-    ours = lorakit.quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
+    ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
     ours = core.lorakit_model(ours, "all-linear")
     theirs = copy.deepcopy(base)
     _bnb_quantize(theirs, bnb)

@@ -159,10 +159,13 @@ class TrainableTokens(nn.Module):
         return f"adapters={self.adapter_names}, tied={self.tied_to is not None}"
 
 
-def add_trainable_tokens(model: nn.Module, name: str, spec, replace) -> None:
+def add_trainable_tokens(model: nn.Module, name: str, spec, replace, visible_modules) -> None:
     """Wrap the embedding(s) `spec` names and give adapter `name` its rows; `replace(path, module)`
-    swaps a module in. A tied output layer (same weight tensor) gets a wrapper that follows them."""
-    from lorakit.core.targeting import visible_modules  # targeting imports this module
+    swaps a module in. A tied output layer (same weight tensor) gets a wrapper that follows them.
+
+    visible_modules: :func:`lorakit.core.targeting.visible_modules`, passed in because targeting
+    imports this module (it must know the wrapper types it does not descend into).
+    """
 
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None

@@ -10,14 +10,32 @@ blocksize 64), so the kernels do one fp32 multiply per value and give the same b
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import triton
 import triton.language as tl
 
 from lorakit.kernels import interpreting
-from lorakit.quant.codes import _code
-from lorakit.quant.nf4 import block_scales
-from lorakit.quant.state import QuantState
+
+
+class QuantState(Protocol):
+    """What the kernels read of a 4-bit weight's state (:class:`lorakit.quant.QuantState` is one).
+
+    A protocol rather than an import: quant dispatches to these kernels, so the kernels must not
+    import quant (the code tables and scale decoding come in through the state's methods).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+
+    @property
+    def numel(self) -> int: ...
+
+    def code_table(self) -> torch.Tensor: ...
+
+    def block_scales(self) -> torch.Tensor: ...
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -110,8 +128,8 @@ def _nf4_grad_input_kernel(
 
 def _operands(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed bytes (1-D), the (16,) fp32 code book and the (n_blocks,) fp32 scales on packed's device."""
-    code = _code(state.quant_type).to(packed.device)
-    return packed.reshape(-1).contiguous(), code, block_scales(state).contiguous()
+    code = state.code_table().to(packed.device)
+    return packed.reshape(-1).contiguous(), code, state.block_scales().contiguous()
 
 
 def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:

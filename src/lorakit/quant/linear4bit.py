@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import kernels
+import lorakit.kernels as kernels
 
 from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState

@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import native
-from .blockwise8 import dequantize_blockwise, quantize_blockwise
+from .blockwise8 import quantize_blockwise
 from .codes import QUANT_TYPES, _code, _dynamic_map, pair_table
 from .state import SUPPORTED_DTYPES, NestedState, QuantState, check_blocksize
 
@@ -155,12 +155,7 @@ def quantize_4bit(
 
 def block_scales(state: QuantState) -> torch.Tensor:
     """The (n_blocks,) float32 scales of ``state``, undoing the double quantisation if any."""
-    if state.state2 is None:
-        return state.absmax.float()
-    scales = dequantize_blockwise(
-        state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize
-    )
-    return scales.add_(state.offset)
+    return state.block_scales()
 
 
 def _check_pair(packed: object, state: object) -> QuantState:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .codes import QUANT_TYPES
+from .blockwise8 import dequantize_blockwise
+from .codes import QUANT_TYPES, _code
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -82,6 +83,17 @@ class QuantState:
     @property
     def n_blocks(self) -> int:
         return -(-self.numel // self.blocksize)
+
+    def code_table(self) -> torch.Tensor:
+        """The (16,) float32 value of each 4-bit code of ``quant_type`` (shared, read-only)."""
+        return _code(self.quant_type)
+
+    def block_scales(self) -> torch.Tensor:
+        """The (n_blocks,) float32 scales, undoing the double quantisation if any."""
+        if self.state2 is None:
+            return self.absmax.float()
+        scales = dequantize_blockwise(self.absmax, self.state2.absmax, self.state2.code, self.state2.blocksize)
+        return scales.add_(self.offset)
 
     def nbytes(self) -> int:
         """Bytes of tensor storage this state holds (scales, code books, offset)."""

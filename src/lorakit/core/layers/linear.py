@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit import kernels
+import lorakit.kernels as kernels
 from lorakit.core.layers.base import LoraLayer
 from lorakit.quant.linear4bit import KeptWeight, keep_for_backward
 
