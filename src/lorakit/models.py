@@ -12,8 +12,10 @@
 * a Hugging Face model id (``org/name``): the snapshot in the huggingface_hub cache, downloaded
   first unless ``HF_HUB_OFFLINE=1`` (then the cache alone is used) (:func:`hub_snapshot`).
 
-``tiny-llama`` is a preset too, but it is built in memory (random weights), so it has no folder;
-``lorakit.train.presets.load_base`` handles it.
+``tiny-llama`` is a preset too, but it is built in memory (random weights), so it has no folder.
+Its one definition is here (:data:`TINY_LLAMA`, :func:`tiny_llama_config`, :func:`byte_tokenizer`):
+``lorakit train`` builds it (``lorakit.train.presets.load_base``) and ``lorakit plan`` plans it,
+so both mean the same model by the name.
 
     >>> from lorakit.models import resolve_base
     >>> resolve_base("smollm2-135m-instruct")   # doctest: +SKIP
@@ -33,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lorakit.errors import ConfigError
 
@@ -49,6 +52,49 @@ SOURCE_INFO = "lorakit_source.json"  # written last into a converted folder: wha
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a hub snapshot needs for lorakit: weights as safetensors, configs, tokenizer files
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+# tiny-llama: a random small Llama (0.1M parameters with the 259-token byte vocabulary) that trains in seconds
+TINY_LLAMA: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    # Llama's 0.02 leaves a frozen random 64-wide output layer unable to give any token
+    # a logit above ~1, so the loss can't fall below ~4.3 however LoRA trains; 0.2 can.
+    initializer_range=0.2)
+CHAT_TEMPLATE = (  # tiny-llama's, Zephyr-style; output statements only: HF renders with trim_blocks
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer() -> Any:
+    """tiny-llama's tokenizer: 259 tokens (ids 0-2 are <pad>, <s>, </s>, then the 256 bytes), no
+    merges, so any UTF-8 text round-trips exactly; with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama_config(overrides: dict[str, Any] | None = None) -> Any:
+    """The tiny-llama preset's LlamaConfig (vocabulary and special ids from :func:`byte_tokenizer`).
+
+    overrides: config fields to change (a training config's ``model.overrides``).
+    """
+    from transformers import LlamaConfig
+
+    tok = byte_tokenizer()
+    return LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+                          "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                          "architectures": ["LlamaForCausalLM"], **(overrides or {})})
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 import tempfile
 
+from plan_models import llama_256_folder
+
 from lorakit.analysis.measure import measure_training_peak
 from lorakit.analysis.plan import PlanRequest, plan_memory
 
@@ -19,14 +21,15 @@ def main() -> int:
     # the REFERENCES.md baseline model: Llama hidden 512, inter 1536, 8 layers, vocab 8000
     LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=8000, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    llama_256 = llama_256_folder()  # plan's old "tiny-llama" (tests/analysis/plan_models.py)
     configs = {
-        "tiny-llama all-linear r16, 4x128": PlanRequest("tiny-llama", r=16, batch=4, seq=128),
+        "llama-256x4 all-linear r16, 4x128": PlanRequest(llama_256, r=16, batch=4, seq=128),
         "minilm query,value r8, 16x128": PlanRequest("minilm", r=8, target=["query", "value"], batch=16, seq=128),
-        "tiny-llama all-linear r16, 4x128, checkpointing": PlanRequest("tiny-llama", r=16, batch=4, seq=128,
-                                                                       grad_checkpointing=True),
+        "llama-256x4 all-linear r16, 4x128, checkpointing": PlanRequest(llama_256, r=16, batch=4, seq=128,
+                                                                        grad_checkpointing=True),
         "llama-512x8 all-linear r16, 4x256": PlanRequest(folder, r=16, batch=4, seq=256),
-        "tiny-llama q,v r8 bf16, 4x256": PlanRequest("tiny-llama", r=8, target=["q_proj", "v_proj"], batch=4,
-                                                     seq=256, dtype="bfloat16"),
+        "llama-256x4 q,v r8 bf16, 4x256": PlanRequest(llama_256, r=8, target=["q_proj", "v_proj"], batch=4,
+                                                      seq=256, dtype="bfloat16"),
     }
     print("| configuration | planned MiB | measured MiB | error | measured, default glibc MiB |")
     print("|---|---:|---:|---:|---:|")

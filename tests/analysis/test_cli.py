@@ -55,12 +55,12 @@ def test_plan_prints_counts_and_parts(capsys):
     code, out, _ = run(capsys, "plan", "--model", "tiny-llama", "--r", "8", "--target", "q_proj,v_proj",
                        "--batch", "1", "--seq", "16", "--json")
     data = json.loads(out)
-    # q: 256->256, v: 256->128 (2 kv heads of 64), 4 layers: r·(d + k) each
-    assert code == 0 and data["trainable_params"] == 4 * 8 * ((256 + 256) + (256 + 128))
+    # tiny-llama (the training preset): q: 64->64, v: 64->32 (2 kv heads of 16), 2 layers: r·(d + k) each
+    assert code == 0 and data["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 32))
     assert data["total_bytes"] == sum(data[k] for k in ("weights_bytes", "lora_bytes", "grads_bytes",
                                                          "optimizer_bytes", "activation_bytes"))
     code, out, _ = run(capsys, "plan", "--model", "tiny-llama", "--batch", "1", "--seq", "16", "--budget-gb", "100")
-    assert code == 0 and "trainable params: 295,936" in out and "fits:" in out
+    assert code == 0 and "trainable params: 32,768" in out and "fits:" in out
 
 
 def test_methods_listed_once():

@@ -14,7 +14,6 @@ from lorakit.analysis.errors import PlanError
 from lorakit.analysis.memtrace import LiveMemory
 from lorakit.analysis.plan import (
     GIB,
-    TINY_LLAMA,
     PlanRequest,
     advise,
     build_model,
@@ -22,6 +21,10 @@ from lorakit.analysis.plan import (
     load_model_config,
     plan_memory,
 )
+from lorakit.core.config import LoraConfig
+from lorakit.core.model import get_lora_model
+from lorakit.models import TINY_LLAMA
+from lorakit.train.presets import load_base
 
 
 def test_r8_on_a_1024_square_layer():
@@ -32,11 +35,25 @@ def test_r8_on_a_1024_square_layer():
 
 
 def test_all_linear_counts_every_projection_but_the_head():
-    h, i, kv = TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"], 128  # 2 kv heads × 64
+    h, i = TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"]
+    kv = TINY_LLAMA["num_key_value_heads"] * h // TINY_LLAMA["num_attention_heads"]  # 2 kv heads × 16
     per_layer = (h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)  # q k v o gate up down: d + k
     plan = plan_memory(PlanRequest("tiny-llama", r=16, batch=1, seq=8))
     assert plan.trainable_params == 16 * per_layer * TINY_LLAMA["num_hidden_layers"]
     assert plan.adapted_layers == 7 * TINY_LLAMA["num_hidden_layers"]
+
+
+def test_plan_and_train_mean_the_same_tiny_llama():
+    """`lorakit plan --model tiny-llama` counts the model `lorakit train` builds under that name
+    (they were a 256-wide and a 64-wide Llama), base and LoRA parameters alike."""
+    built = load_base("tiny-llama", "causal_lm")
+    for r, target in ((16, "all-linear"), (8, ["q_proj", "v_proj"])):
+        plan = plan_memory(PlanRequest("tiny-llama", r=r, target=target, batch=1, seq=8))
+        assert plan.base_params == sum(p.numel() for p in built.parameters())
+        model = get_lora_model(load_base("tiny-llama", "causal_lm"), LoraConfig(r=r, lora_alpha=2 * r,
+                                                                                 target_modules=target))
+        assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert plan.adapted_layers == len(list(model.lora_layers()))
 
 
 @pytest.fixture(scope="module")

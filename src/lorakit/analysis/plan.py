@@ -25,13 +25,6 @@ from lorakit.analysis.errors import PlanError
 GIB = 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# A small Llama (≈19.6M params, most of them in the 32k vocabulary) that trains in seconds on a CPU.
-TINY_LLAMA: dict[str, Any] = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=688,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
-    max_position_embeddings=2048, tie_word_embeddings=False,
-)
-
 
 @dataclass
 class PlanRequest:
@@ -79,14 +72,17 @@ class MemoryPlan:
 
 
 def load_model_config(model: str) -> Any:
-    """A transformers config from a preset name or a folder holding config.json."""
-    from transformers import CONFIG_MAPPING, AutoConfig
+    """A transformers config from a preset name or a folder holding config.json.
+
+    ``tiny-llama`` is the model ``lorakit train`` builds under that name (:mod:`lorakit.models`).
+    """
+    from transformers import AutoConfig
+
+    from lorakit.errors import ConfigError
+    from lorakit.models import resolve_base, tiny_llama_config
 
     if model == "tiny-llama":
-        cfg = dict(TINY_LLAMA)
-        return CONFIG_MAPPING[cfg.pop("model_type")](**cfg)
-    from lorakit.errors import ConfigError
-    from lorakit.models import resolve_base
+        return tiny_llama_config()
 
     try:
         folder = resolve_base(model)  # a preset, a folder or a hub id

