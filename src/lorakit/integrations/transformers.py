@@ -3,7 +3,7 @@
 Trainer recognises adapters only by ``isinstance(model, peft.PeftModel)``; any other module gets
 its full ``state_dict()`` written as ``model.safetensors`` (the frozen base included, under
 lorakit's internal key names). Subclassing is the integration point Trainer documents, so a small
-mixin overrides the four places that decide how the model is saved and read back:
+mixin overrides the places that decide how the model is saved, read back and introspected:
 
 * ``_save``: checkpoints and ``save_model()`` write ``model.save_pretrained(folder)``: the
   PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``, other adapters in
@@ -12,8 +12,9 @@ mixin overrides the four places that decide how the model is saved and read back
 * ``_load_from_checkpoint`` (``resume_from_checkpoint``) and ``_load_best_model``
   (``load_best_model_at_end``): the folder's tensors are copied into the live adapters in place
   (``LoraModel.load_adapter_weights``), so parameter identity and the optimizer survive;
-* ``_set_signature_columns_if_needed``: unused dataset columns are judged against the wrapped
-  model's ``forward`` (LoraModel.forward takes ``*args, **kwargs``).
+* ``__init__`` and ``_set_signature_columns_if_needed``: label names, ``can_return_loss`` and
+  the dataset columns to keep are read off the wrapped model's ``forward``, as Trainer does for
+  a PeftModel's base model (LoraModel.forward takes ``*args, **kwargs``).
 
 Models that are not LoraModels go through Trainer's own code unchanged. Usage::
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.utils import can_return_loss, find_labels
 
 from lorakit.core.model import LoraModel
 from lorakit.errors import AdapterLoadError, ConfigError
@@ -87,9 +89,17 @@ class LoraCheckpointsMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if find_lora_model(self.model) is not None and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        lora = find_lora_model(self.model)
+        if lora is None:
+            return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ConfigError("a lorakit model under Trainer's FSDP/DeepSpeed is not supported (the adapter would be "
                               "saved from sharded tensors): run Trainer with DDP (torchrun) or use `lorakit train`")
+        # Trainer reads these off the model class's forward signature (a PeftModel's base model's);
+        # LoraModel.forward takes **kwargs, which would leave no label names and so no eval loss
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(lora.model))
+        self.can_return_loss = can_return_loss(type(lora.model))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         lora = find_lora_model(self.model)

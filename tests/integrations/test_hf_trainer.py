@@ -1,0 +1,179 @@
+"""transformers.Trainer with a lorakit model (lorakit.integrations.transformers), the real Trainer on
+a tiny random Llama on CPU: PEFT-format checkpoints, read by PEFT and lorakit; resume equal to an
+uninterrupted run; load_best_model_at_end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from factories import tiny_llama
+from safetensors.torch import load_file
+from tolerance import assert_close_fp32
+from transformers import Trainer, TrainingArguments
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import AdapterLoadError, ConfigError
+from lorakit.integrations.transformers import LoraTrainer, load_checkpoint_adapters, with_lora_checkpoints
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Fixed-length random token rows, labels = inputs (causal LM)."""
+
+    def __init__(self, n: int = 32, length: int = 16, seed: int = 0):
+        self.rows = torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def lora_model(init_seed: int = 0, dropout: float = 0.0):
+    torch.manual_seed(init_seed)  # the adapter's A init
+    return lorakit.get_lora_model(tiny_llama(seed=0), LoraConfig(lora_dropout=dropout, **LORA))
+
+
+def args(out: Path, **overrides) -> TrainingArguments:
+    kw = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+              save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+              disable_tqdm=True, dataloader_num_workers=0)
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in lorakit.core.state_dict.get_adapter_state_dict(model.model, "default").items()}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_checkpoints_and_final_save_are_peft_folders(tmp_path):
+    model = lora_model()
+    trainer = LoraTrainer(model=model, args=args(tmp_path / "run", activation_checkpointing=True),
+                          train_dataset=TokenRows())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    trained = adapter_tensors(model)
+    assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)  # it trained (B starts at 0)
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    expected = logits(model, ids)
+    for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names, names
+        assert "model.safetensors" not in names  # no full state dict with lorakit-internal keys
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in saved), sorted(saved)
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder)).eval()
+        ours = lorakit.LoraModel.from_pretrained(tiny_llama(seed=0), folder).eval()
+        assert_close_fp32(logits(pm, ids), logits(ours, ids), reduction=128, depth=8)
+        if folder.name != "checkpoint-2":  # the last checkpoint and the final save hold the trained adapter
+            assert all(torch.equal(saved[k], trained[k]) for k in trained)
+            assert_close_fp32(logits(ours, ids), expected, reduction=128, depth=8)
+    first = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    assert not all(torch.equal(first[k], trained[k]) for k in trained)  # step 2 is not step 4
+    # Trainer's own files sit beside the adapter, as for a PeftModel
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    # dropout > 0 so the RNG state matters; the resumed model starts from another adapter init
+    full = LoraTrainer(model=lora_model(dropout=0.1), args=args(tmp_path / "full", max_steps=6, save_steps=3),
+                       train_dataset=TokenRows())
+    full.train()
+    model = lora_model(init_seed=7, dropout=0.1)
+    resumed = LoraTrainer(model=model, args=args(tmp_path / "resumed", max_steps=6, save_steps=3),
+                          train_dataset=TokenRows())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    want, got = adapter_tensors(full.model), adapter_tensors(model)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    full_losses, resumed_losses = _losses(full), _losses(resumed)
+    assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]  # 1-3 come from the checkpoint's trainer_state.json
+    assert all(resumed_losses[s] == full_losses[s] for s in (4, 5, 6)), (resumed_losses, full_losses)
+    assert torch.equal(load_file(tmp_path / "resumed" / "checkpoint-6" / "adapter_model.safetensors")[key],
+                       want[key])
+
+
+def test_load_best_model_at_end_reads_the_best_adapter_folder(tmp_path):
+    # greater_is_better on the eval loss picks the *worst* checkpoint: loss falls while training on
+    # the eval rows, so the best is an early one and differs from what the run ends with
+    model = lora_model()
+    trainer = LoraTrainer(model=model, args=args(tmp_path / "run", max_steps=6, eval_strategy="steps", eval_steps=2,
+                                                 load_best_model_at_end=True, metric_for_best_model="loss",
+                                                 greater_is_better=True),
+                          train_dataset=TokenRows(), eval_dataset=TokenRows(8))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-6", trainer.state.log_history
+    saved_best = load_file(best / "adapter_model.safetensors")
+    saved_last = load_file(tmp_path / "run" / "checkpoint-6" / "adapter_model.safetensors")
+    live = adapter_tensors(model)
+    assert all(torch.equal(live[k], saved_best[k]) for k in saved_best)
+    assert not all(torch.equal(live[k], saved_last[k]) for k in saved_last)
+
+
+def test_plain_models_keep_transformers_own_checkpoints(tmp_path):
+    base = tiny_llama(seed=0)
+    trainer = LoraTrainer(model=base, args=args(tmp_path / "run", max_steps=2), train_dataset=TokenRows())
+    trainer.train()
+    names = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+
+
+def test_several_adapters_round_trip_through_a_checkpoint_in_place(tmp_path):
+    model = lora_model()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
+    lorakit_params = {n: p for n, p in model.named_parameters() if ".adapters." in n}
+    with torch.no_grad():
+        for p in lorakit_params.values():
+            p.normal_()
+    saved = {n: p.detach().clone() for n, p in lorakit_params.items()}
+    LoraTrainer(model=model, args=args(tmp_path / "x"))._save(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "other" / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        for p in lorakit_params.values():
+            p.zero_()
+    load_checkpoint_adapters(model, tmp_path / "ckpt")
+    for n, p in model.named_parameters():
+        if ".adapters." in n:
+            assert p is lorakit_params[n] and torch.equal(p, saved[n]), n  # same objects: optimizers keep them
+
+
+def test_refusals_name_the_problem_and_change_nothing(tmp_path):
+    model = lora_model()
+    model.save_pretrained(tmp_path / "a")
+    other = lorakit.get_lora_model(tiny_llama(seed=0), LoraConfig(**{**LORA, "lora_alpha": 16}))
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if ".adapters." in n:
+                p.fill_(0.5)
+    before = adapter_tensors(other)
+    with pytest.raises(AdapterLoadError, match="lora_alpha"):
+        other.load_adapter_weights(tmp_path / "a")
+    assert all(torch.equal(v, adapter_tensors(other)[k]) for k, v in before.items())
+    with pytest.raises(AdapterLoadError, match="no adapter folder"):
+        load_checkpoint_adapters(model, tmp_path / "empty")
+    with pytest.raises(ConfigError, match="Trainer subclass"):
+        with_lora_checkpoints(dict)
+    assert with_lora_checkpoints(Trainer) is with_lora_checkpoints(Trainer)
+    assert issubclass(with_lora_checkpoints(Trainer), Trainer)
