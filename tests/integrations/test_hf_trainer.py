@@ -177,3 +177,52 @@ def test_refusals_name_the_problem_and_change_nothing(tmp_path):
         with_lora_checkpoints(dict)
     assert with_lora_checkpoints(Trainer) is with_lora_checkpoints(Trainer)
     assert issubclass(with_lora_checkpoints(Trainer), Trainer)
+
+
+def test_unused_dataset_columns_are_judged_against_the_wrapped_model(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = TokenRows(8).rows
+    ds = datasets.Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist(),
+                                     "note": [f"row {i}" for i in range(len(rows))]})
+    trainer = LoraTrainer(model=lora_model(), args=args(tmp_path / "run", max_steps=1), train_dataset=ds)
+    trainer.train()  # LoraModel.forward's own signature (*args, adapter_names, **kwargs) would drop input_ids
+    assert "input_ids" in trainer._signature_columns and "note" not in trainer._signature_columns
+    assert (tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+
+
+def _sft_run(out: Path, model, resume: str | None = None, max_steps: int = 4):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from lorakit.train.presets import byte_tokenizer
+
+    ds = datasets.Dataset.from_dict({"text": [f"note {i}: the quick brown fox jumps" for i in range(16)]})
+    config = trl.SFTConfig(output_dir=str(out), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4,
+                           max_length=24, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                           disable_tqdm=True, dataloader_num_workers=0)
+    trainer = with_lora_checkpoints(trl.SFTTrainer)(model=model, args=config, train_dataset=ds,
+                                                    processing_class=byte_tokenizer())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def sft_model(init_seed: int = 0):
+    torch.manual_seed(init_seed)
+    return lorakit.get_lora_model(tiny_llama(seed=0, vocab_size=259),
+                                  LoraConfig(lora_dropout=0.1, **LORA))
+
+
+def test_trl_sft_trainer_saves_peft_folders_and_resumes(tmp_path):
+    full = _sft_run(tmp_path / "full", sft_model())
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(5))
+    pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0, vocab_size=259), str(ckpt)).eval()
+    ours = lorakit.LoraModel.from_pretrained(tiny_llama(seed=0, vocab_size=259), ckpt).eval()
+    assert_close_fp32(logits(pm, ids), logits(ours, ids), reduction=128, depth=8)
+
+    model = sft_model(init_seed=7)
+    resumed = _sft_run(tmp_path / "resumed", model, resume=str(ckpt))
+    want, got = adapter_tensors(full.model), adapter_tensors(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(_losses(resumed)[s] == _losses(full)[s] for s in (3, 4))
