@@ -5,6 +5,9 @@ uninterrupted run; load_best_model_at_end."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -213,6 +216,7 @@ def sft_model(init_seed: int = 0):
 
 def test_trl_sft_trainer_saves_peft_folders_and_resumes(tmp_path):
     full = _sft_run(tmp_path / "full", sft_model())
+    assert full.model.model.is_activation_checkpointing  # SFTConfig's default: the resume below runs with it
     ckpt = tmp_path / "full" / "checkpoint-2"
     names = {p.name for p in ckpt.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
@@ -226,3 +230,34 @@ def test_trl_sft_trainer_saves_peft_folders_and_resumes(tmp_path):
     want, got = adapter_tensors(full.model), adapter_tensors(model)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert all(_losses(resumed)[s] == _losses(full)[s] for s in (3, 4))
+
+
+def test_qlora_base_checkpoints_hold_only_the_adapter(tmp_path):
+    base = lorakit.quantize_model(tiny_llama(seed=0), "nf4", double_quant=True)
+    model = lorakit.get_lora_model(base, LoraConfig(**LORA))
+    LoraTrainer(model=model, args=args(tmp_path / "run", max_steps=2), train_dataset=TokenRows()).train()
+    folder = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert saved.keys() == adapter_tensors(model).keys()  # no packed 4-bit base tensors in the checkpoint
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    fresh = lorakit.LoraModel.from_pretrained(lorakit.quantize_model(tiny_llama(seed=0), "nf4", double_quant=True),
+                                              folder).eval()
+    assert_close_fp32(logits(fresh, ids), logits(model.eval(), ids), reduction=128, depth=8)
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_saves_once_and_resumes_exactly(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p and "site-packages" not in p])
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, resumed = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert {"adapter_config.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= {
+        p.name for p in ckpt.iterdir()}
+    last = load_file(tmp_path / "full" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.equal(last[k], full[k]) for k in full)
