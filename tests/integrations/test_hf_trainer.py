@@ -176,6 +176,22 @@ def test_refusals_name_the_problem_and_change_nothing(tmp_path):
     assert all(torch.equal(v, adapter_tensors(other)[k]) for k, v in before.items())
     with pytest.raises(AdapterLoadError, match="no adapter folder"):
         load_checkpoint_adapters(model, tmp_path / "empty")
+    # two adapters, the second one's folder refused: the first one is put back as it was
+    two = lora_model()
+    two.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
+    two.save_pretrained(tmp_path / "two")
+    bad = LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"])
+    lorakit.get_lora_model(tiny_llama(seed=0), bad, "other").save_pretrained(tmp_path / "bad")
+    (tmp_path / "two" / "other" / "adapter_config.json").write_text(
+        (tmp_path / "bad" / "other" / "adapter_config.json").read_text())
+    with torch.no_grad():
+        for n, p in two.named_parameters():
+            if ".adapters." in n:
+                p.fill_(0.25)
+    kept = {n: p.detach().clone() for n, p in two.named_parameters() if ".adapters." in n}
+    with pytest.raises(AdapterLoadError, match="lora_alpha"):
+        load_checkpoint_adapters(two, tmp_path / "two")
+    assert all(torch.equal(p, kept[n]) for n, p in two.named_parameters() if ".adapters." in n)
     with pytest.raises(ConfigError, match="Trainer subclass"):
         with_lora_checkpoints(dict)
     assert with_lora_checkpoints(Trainer) is with_lora_checkpoints(Trainer)

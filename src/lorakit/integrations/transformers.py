@@ -36,6 +36,7 @@ from transformers import Trainer
 from transformers.utils import can_return_loss, find_labels
 
 from lorakit.core.model import LoraModel
+from lorakit.core.state_dict import get_adapter_state_dict, load_adapter_state_dict
 from lorakit.errors import AdapterLoadError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def adapter_folders(model: LoraModel, checkpoint_dir: str | os.PathLike) -> dict
 def load_checkpoint_adapters(model: LoraModel, checkpoint_dir: str | os.PathLike) -> None:
     """Copy every adapter saved in `checkpoint_dir` into `model`'s adapters of the same names, in place.
 
-    All folders are checked to exist before anything is copied.
+    All folders are checked to exist before anything is copied, and if one adapter's folder is
+    refused, the adapters already copied get their previous values back.
     """
     folders = adapter_folders(model, checkpoint_dir)
     missing = [str(f) for f in folders.values() if not (f / "adapter_config.json").is_file()]
@@ -76,8 +78,17 @@ def load_checkpoint_adapters(model: LoraModel, checkpoint_dir: str | os.PathLike
                 else "")
         raise AdapterLoadError(f"checkpoint {checkpoint_dir} has no adapter folder at {missing}{hint}; it must hold "
                                f"one for each adapter of the model ({sorted(folders)}), as LoraTrainer saves them")
-    for name, folder in folders.items():
-        model.load_adapter_weights(folder, name)
+    before = {name: get_adapter_state_dict(model.model, name, model.peft_config[name].bias) for name in folders}
+    before = {name: {k: v.clone() for k, v in tensors.items()} for name, tensors in before.items()}
+    done: list[str] = []
+    try:
+        for name, folder in folders.items():
+            model.load_adapter_weights(folder, name)
+            done.append(name)
+    except BaseException:
+        for name in done:
+            load_adapter_state_dict(model.model, name, before[name], model.peft_config[name].bias)
+        raise
 
 
 class LoraCheckpointsMixin:
