@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
 from lorakit.core.model import LoraModel
@@ -41,7 +42,6 @@ from lorakit.errors import AdapterLoadError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the pickled TrainingArguments
 _WRAPPERS = ("module", "_orig_mod")  # DDP / DataParallel, torch.compile
 
 
