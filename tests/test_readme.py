@@ -59,7 +59,8 @@ def python_block(marker: str) -> str:
     return block
 
 
-PYTHON_BLOCKS = {"print_trainable_parameters": "the quickstart", "OpenAI(": "the serving client"}
+PYTHON_BLOCKS = {"print_trainable_parameters": "the quickstart", "OpenAI(": "the serving client",
+                 "with_lora_checkpoints": "transformers.Trainer / TRL"}
 
 
 def test_every_block_is_accounted_for():
@@ -82,6 +83,18 @@ def test_quickstart_runs_as_written_and_prints_what_it_says(tmp_path, monkeypatc
     claimed = [line.removeprefix("# ") for line in quickstart.splitlines() if line.startswith("# trainable params")]
     assert claimed and claimed == printed  # the sample output is the real output of that code
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_trainer_block_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    block = python_block("with_lora_checkpoints")
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(block, "README.md (Trainer / TRL)", "exec"), {"__name__": "readme"})
+    for step in (2, 4, 6):  # 6: the resumed run went on from checkpoint-4
+        names = {p.name for p in (tmp_path / "out" / "trainer" / f"checkpoint-{step}").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    assert (tmp_path / "out" / "sft" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
 
 def test_config_blocks_are_valid_configs():

@@ -532,6 +532,26 @@ class LoraModel(nn.Module):
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         self._load(adapter_name, config, tensors)
 
+    def load_adapter_weights(self, adapter_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+        """Copy a saved folder's tensors into the existing adapter `adapter_name`, in place.
+
+        The parameters keep their identity, so an optimizer that holds them stays valid: this is how
+        a training checkpoint is resumed (lorakit.integrations.transformers). The folder must hold
+        the same adapter layout (keys, shapes and scaling fields); every check runs before the first
+        copy, so a refused folder changes nothing.
+        """
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        config, tensors = _read_config_and_tensors(adapter_dir, is_trainable=True)
+        live = self.peft_config[adapter_name]
+        fields = ("peft_type", "lora_alpha", "alpha_pattern", "use_rslora", "use_dora", "bias")
+        differ = [f for f in fields if getattr(config, f, None) != getattr(live, f, None)]
+        if differ:
+            raise AdapterLoadError(f"{Path(adapter_dir) / 'adapter_config.json'}: {differ} differ from adapter "
+                                   f"{adapter_name!r} (the same tensors would give other outputs); load it as a "
+                                   "new adapter with load_adapter instead")
+        load_adapter_state_dict(self.model, adapter_name, tensors, live.bias)
+
     def _load(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
         """add_adapter + copy the tensors, as one transaction: on failure everything is put back.
 
