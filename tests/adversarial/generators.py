@@ -177,8 +177,8 @@ def http_bodies(seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
         "max_tokens": [0, -1, 10**12, "4", 4.5, None, True, [4]],
         "temperature": [-1, 2.5, "hot", [1], {"v": 1}, True],
         "top_p": [0, -0.1, 1.5, "x", [0.5]],
-        "n": [0, 2, "1"], "stream": ["yes", 1, "true", None, [True]], "stop": [5, [1], ["a"] * 10, [""], {"a": 1}],
-        "seed": ["x", 1.5, [1]], "logprobs": [True, 5], "logit_bias": [{"1": 100}], "presence_penalty": [1, "x"],
+        "n": [0, 10**6, "1"], "stream": ["yes", 1, "true", None, [True]], "stop": [5, [1], ["a"] * 10, [""], {"a": 1}],
+        "seed": ["x", 1.5, [1]], "logprobs": [True, -1, 21, "5"], "logit_bias": [{"1": 100}], "presence_penalty": [1, "x"],
         "stream_options": ["x", [1]], "ignore_eos": ["yes", 2],
     }
     for key, values in fields.items():

@@ -201,7 +201,7 @@ def test_promise_every_error_is_an_openai_error_object(dirs, root):
         ("POST", "/v1/completions", {"json": GREEDY}, {}, 401),
         ("POST", "/v1/completions", {"json": GREEDY}, {"Authorization": "Bearer wrong"}, 401),
         ("POST", "/v1/completions", {"content": b"{nope"}, KEY, 400),
-        ("POST", "/v1/completions", {"json": {**GREEDY, "n": 2}}, KEY, 400),
+        ("POST", "/v1/completions", {"json": {**GREEDY, "n": 1000}}, KEY, 400),
         ("POST", "/v1/completions", {"json": {**GREEDY, "model": "nope"}}, KEY, 404),
         ("GET", "/v1/nothing", {}, KEY, 404),
         ("GET", "/v1/completions", {}, KEY, 405),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from serve_helpers import make_tokenizer
 
-from lorakit.serve.generation import SamplingError, SamplingParams, TextStream, sample_rows
+from lorakit.serve.generation import SamplingError, SamplingParams, TextStream, choice_seed, sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,16 @@ def test_top_p_keeps_only_the_nucleus():
     assert {sample_rows(logits, [p], [gen])[0] for _ in range(50)} == {0}  # token 0 alone holds > 0.5
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(temperature=3),
-                                    dict(top_p=0), dict(top_p=1.5), dict(stop=[""])])
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=-1), dict(temperature=-1), dict(temperature=3),
+                                    dict(top_p=0), dict(top_p=1.5), dict(stop=[""]), dict(logprobs=21),
+                                    dict(logprobs=True), dict(prompt_logprobs=-1)])
 def test_bad_sampling_params_raise(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)
+
+
+def test_choice_seeds_keep_choice_zero_and_differ_per_choice():
+    assert choice_seed(None, 3) is None and choice_seed(7, 0) == 7
+    seeds = [choice_seed(7, j) for j in range(1, 50)]
+    assert len(set(seeds)) == 49 and seeds == [choice_seed(7, j) for j in range(1, 50)]
+    assert choice_seed(8, 1) not in seeds

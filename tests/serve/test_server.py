@@ -94,6 +94,20 @@ def test_raw_sse_ends_with_done(http):
     assert json.loads(lines[0][6:])["object"] == "text_completion"
 
 
+def test_openai_client_reads_logprobs_echo_and_n(client):
+    scored = client.completions.create(model="a", prompt="hello world the cat", max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "hello world the cat" and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == 4 and all(len(top) >= 2 for top in lp.top_logprobs[1:]) and lp.text_offset[0] == 0
+    chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    for c in chat.choices:
+        first = c.logprobs.content[0]
+        assert len(first.top_logprobs) == 2 and first.logprob == first.top_logprobs[0].logprob
+        assert bytes(first.bytes).decode() == first.token
+
+
 def test_stop_strings_seed_and_token_prompts(client):
     full = client.completions.create(model="a", prompt="hello world", max_tokens=16, temperature=0).choices[0].text
     words = full.split()
@@ -118,7 +132,8 @@ BAD_REQUESTS = [
      "invalid_value"),
     ("bad role", "POST", "/v1/chat/completions",
      dict(json={"model": "a", "messages": [{"role": "robot", "content": "x"}]}), 422, "invalid_value"),
-    ("n > 1", "POST", "/v1/completions", dict(json={"model": "a", "prompt": "x", "n": 2}), 400, "invalid_request"),
+    ("n over the sequence limit", "POST", "/v1/completions", dict(json={"model": "a", "prompt": "x", "n": 100}), 400,
+     "invalid_request"),
     ("max_tokens over cap", "POST", "/v1/completions", dict(json={"model": "a", "prompt": "x", "max_tokens": CAP + 1}),
      400, "invalid_request"),
     ("token id out of range", "POST", "/v1/completions", dict(json={"model": "a", "prompt": [1, 99999]}), 400,

@@ -1,8 +1,8 @@
 """From the asyncio side to the engine's worker thread and back.
 
-:class:`Generation` submits one engine request per prompt at construction (so a full queue is a
-429 before any response starts) and yields ``(prompt index, event)`` pairs as the worker produces
-them. The per-request timeout covers the whole generation; when it expires, or the consumer stops
+:class:`Generation` submits one engine request per sequence (a prompt, or one of a prompt's n
+choices) at construction (so a full queue is a 429 before any response starts) and yields
+``(sequence index, event)`` pairs as the worker produces them. The per-request timeout covers the whole generation; when it expires, or the consumer stops
 early (client disconnected), every unfinished engine request is cancelled and its batch row freed.
 """
 
@@ -17,14 +17,16 @@ from lorakit.serve.generation import SamplingParams
 
 
 class Generation:
-    def __init__(self, engine: Engine, prompts: list[list[int]], adapter: str | None, params: SamplingParams,
-                 timeout: float):
+    def __init__(self, engine: Engine, prompts: list[list[int]], adapter: str | None,
+                 params: SamplingParams | list[SamplingParams], timeout: float):
+        """params: one for all sequences, or one per sequence (n > 1: each choice its own seed)."""
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
         self._timeout = timeout
         self._deadline = self._loop.time() + timeout
-        self.requests = [GenerationRequest(ids, params, self._listener(i), adapter=adapter)
-                         for i, ids in enumerate(prompts)]
+        per_row = params if isinstance(params, list) else [params] * len(prompts)
+        self.requests = [GenerationRequest(ids, p, self._listener(i), adapter=adapter)
+                         for i, (ids, p) in enumerate(zip(prompts, per_row, strict=True))]
         try:
             for request in self.requests:
                 engine.submit(request)

@@ -83,3 +83,9 @@ class EngineUnavailable(ServeError):
     """The generation worker is not running (``/health`` says so instead of answering ok)."""
 
     status, type, code = 503, "server_error", "engine_unavailable"
+
+
+class ClientDisconnected(ServeError):
+    """The client went away before a non-streaming response was ready (nginx's 499; nobody reads it)."""
+
+    status, code = 499, "client_closed_request"

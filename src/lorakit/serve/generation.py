@@ -5,15 +5,21 @@
   ``torch.Generator``: a seeded request draws the same tokens whatever else shares its batch.
 * :class:`TextStream`: incremental detokenisation with stop strings. Text that might still turn
   out to be the start of a stop string is held back, so a stop string never reaches the client.
+* :func:`token_logprobs` / :func:`prompt_logprobs`: log-probabilities of the chosen (or prompt)
+  tokens and the top-k alternatives, from the model's raw logits: ``log_softmax(logits)`` in fp32,
+  before temperature and top-p (vLLM's default), so they score the model, not the sampler.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_LOGPROBS = 20  # top-k alternatives per token at most (vLLM's default max_logprobs)
 
 
 class SamplingError(ValueError):
@@ -24,16 +30,22 @@ class SamplingError(ValueError):
 class SamplingParams:
     """One request's decoding settings (OpenAI's names and defaults)."""
 
-    max_tokens: int = 16  # new tokens at most (the server caps this)
+    max_tokens: int = 16  # new tokens at most (the server caps this); 0 = score the prompt only
     temperature: float = 1.0  # 0 = greedy (argmax); else softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling: smallest set of tokens with probability mass ≥ top_p
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     seed: int | None = None  # seeds this request's own generator (None: a random seed)
     ignore_eos: bool = False  # keep going past EOS (benchmarks: fixed-length outputs)
+    logprobs: int | None = None  # per generated token: its logprob and the top-k alternatives (None: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise SamplingError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise SamplingError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 2):
             raise SamplingError(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -48,6 +60,16 @@ class SamplingParams:
     def make_generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
         return torch.Generator().manual_seed(seed % 2**64)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of an ``n > 1`` request: choice 0 uses `seed` itself (so n=1 is
+    unchanged), the others a hash of (seed, index), so each choice draws differently yet every
+    choice repeats exactly when the request does."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -83,6 +105,41 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     if not (total > 0 and torch.isfinite(probs).all()):
         return int(scaled.argmax())
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model, and the k most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first; k entries
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Per row of logits (B, V): the chosen token's log_softmax and the top-k; None where k is None."""
+    rows = [i for i, k in enumerate(ks) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(ks)
+    if not rows:
+        return out
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)  # (R, V) raw distribution, no temperature
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in rows])).squeeze(1).tolist()  # (R,)
+    k_max = max(ks[i] for i in rows)
+    top_vals, top_ids = logp.topk(k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())  # (R, k_max)
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        k = ks[i]
+        out[i] = TokenLogprob(int(tokens[i]), chosen[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int) -> list[TokenLogprob | None]:
+    """Log-probabilities of each prompt token given the ones before it; logits: (L, V) of the prompt.
+
+    The first token has no context, so its entry is None (OpenAI's / vLLM's null)."""
+    if len(ids) < 2:
+        return [None] * len(ids)
+    return [None] + token_logprobs(logits[:-1], list(ids[1:]), [k] * (len(ids) - 1))
 
 
 class TextStream:
@@ -142,4 +199,5 @@ def check_finite(logits: torch.Tensor) -> None:
         raise FloatingPointError(f"non-finite logits in batch rows {bad}")
 
 
-__all__ = ["SamplingError", "SamplingParams", "TextStream", "check_finite", "sample_rows"]
+__all__ = ["MAX_LOGPROBS", "SamplingError", "SamplingParams", "TextStream", "TokenLogprob", "check_finite",
+           "choice_seed", "prompt_logprobs", "sample_rows", "token_logprobs"]

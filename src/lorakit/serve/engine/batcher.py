@@ -12,6 +12,11 @@ Scheduling (one loop iteration):
 4. rows that hit EOS, a stop string, their token budget or a cancellation leave the batch at once;
    waiting requests take their place in the next iteration.
 
+A request that asks for logprobs gets, with each event, the chosen tokens' ``log_softmax`` of the
+step's raw logits and their top-k (:func:`~lorakit.serve.generation.token_logprobs`); one that asks
+for prompt logprobs (echo) is prefilled with logits for every position instead of the last only,
+and ``max_tokens=0`` stops right after that prefill (prompt scoring).
+
 Each row samples with its own ``torch.Generator`` (seeded per request), so a seeded request gives
 the same tokens however it is batched. Failures are confined: a request whose adapter fails to
 load gets an error event; a forward that raises fails the rows in that step; sampling or
@@ -37,7 +42,14 @@ from lorakit.core.model import LoraModel
 from lorakit.serve.engine.host import forward
 from lorakit.serve.engine.kv import BatchCache
 from lorakit.serve.errors import EngineError, Overloaded, ServeError
-from lorakit.serve.generation import SamplingParams, TextStream, sample_rows
+from lorakit.serve.generation import (
+    SamplingParams,
+    TextStream,
+    TokenLogprob,
+    prompt_logprobs,
+    sample_rows,
+    token_logprobs,
+)
 from lorakit.serve.registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -52,6 +64,9 @@ class GenerationEvent:
     error: ServeError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # the tokens generated since the previous event (those whose text this event carries or held back)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the request's first event, when asked for
 
     @property
     def final(self) -> bool:
@@ -79,6 +94,8 @@ class _Row:
     limit: int  # max new tokens: the request's max_tokens, cut to what the context window allows
     last_token: int = -1
     generated: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with an event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sent with the first event
 
 
 @dataclass
@@ -203,17 +220,25 @@ class Engine:
     def _prefill(self, request: GenerationRequest) -> None:
         ids = torch.tensor([request.prompt_ids], dtype=torch.long)  # (1, L)
         cache = DynamicCache(config=self.model.config)
-        logits = forward(self.model, ids, [request.adapter], kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
-        self.stats.prefills += 1
         params = request.params
+        scored = params.prompt_logprobs is not None  # echo: logits for every prompt position
+        all_logits = forward(self.model, ids, [request.adapter], kv_cache=cache, last_only=not scored)[0]  # (L|1, V)
+        logits = all_logits[-1:].float()  # (1, V)
+        self.stats.prefills += 1
         row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
                    limit=min(params.max_tokens, self.max_context - len(request.prompt_ids)))
-        if not bool(torch.isfinite(logits).all()):
+        if not bool(torch.isfinite(all_logits).all()):
             raise EngineError("the model produced non-finite logits for this prompt (a broken adapter?)")
+        if scored:
+            row.prompt_logprobs = prompt_logprobs(all_logits.float(), request.prompt_ids, params.prompt_logprobs)
+        if row.limit == 0:  # scoring only: nothing to generate, the row never joins the batch
+            _emit(request, GenerationEvent(finish_reason="length", prompt_tokens=len(request.prompt_ids),
+                                           prompt_logprobs=row.prompt_logprobs))
+            return
         token = sample_rows(logits, [params], [row.generator])[0]
         self._cache.join(cache, len(request.prompt_ids))
         self._rows.append(row)
-        if self._accept(row, token):
+        if self._accept(row, token, token_logprobs(logits, [token], [params.logprobs])[0]):
             self._keep([i for i, r in enumerate(self._rows) if r is not row])
 
     def _step(self) -> None:
@@ -243,6 +268,7 @@ class Engine:
         self.stats.max_adapters = max(self.stats.max_adapters, len(set(names)))
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens = self._sample_each(torch.nan_to_num(logits), rows)
+        scores = self._logprobs_each(logits, rows, tokens, finite)
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             if not finite[i]:
@@ -251,7 +277,7 @@ class Engine:
             try:
                 if isinstance(token, Exception):
                     raise token
-                if not self._accept(row, token):
+                if not self._accept(row, token, scores[i]):
                     keep.append(i)
             except Exception as exc:  # this row's request fails; the others go on
                 logger.exception("row of request %s failed", row.request.request_id)
@@ -273,10 +299,21 @@ class Engine:
                     out.append(exc)
             return out
 
-    def _accept(self, row: _Row, token: int) -> bool:
+    def _logprobs_each(self, logits: torch.Tensor, rows: list[_Row], tokens: list, finite: list[bool]
+                       ) -> list[TokenLogprob | None]:
+        """The sampled tokens' logprobs for the rows that asked (None for the others and failed rows)."""
+        ks = [r.request.params.logprobs if ok and isinstance(t, int) else None
+              for r, t, ok in zip(rows, tokens, finite)]
+        if all(k is None for k in ks):
+            return [None] * len(rows)
+        return token_logprobs(logits, [t if isinstance(t, int) else 0 for t in tokens], ks)
+
+    def _accept(self, row: _Row, token: int, score: TokenLogprob | None = None) -> bool:
         """Take one sampled token; emit text; True when the row is finished."""
         row.generated += 1
         row.last_token = token
+        if score is not None:
+            row.logprobs.append(score)
         params = row.request.params
         finish = None
         if token in self.eos_ids and not params.ignore_eos:
@@ -290,7 +327,9 @@ class Engine:
         if delta or finish:
             _emit(row.request, GenerationEvent(text=delta, finish_reason=finish,
                                                prompt_tokens=len(row.request.prompt_ids),
-                                               completion_tokens=row.generated))
+                                               completion_tokens=row.generated, logprobs=row.logprobs,
+                                               prompt_logprobs=row.prompt_logprobs))
+            row.logprobs, row.prompt_logprobs = [], None
         return finish is not None
 
     def _keep(self, indices: list[int]) -> None:
