@@ -167,7 +167,10 @@ class Linear4bit(nn.Module):
         """Hold the packed codes as a frozen uint8 ``nn.Parameter`` (for FSDP2 to shard); idempotent."""
         if "weight" not in self._parameters:
             packed = self._buffers.pop("weight")
-            self.weight = nn.Parameter(packed, requires_grad=False)
+            rest = dict(self._parameters)  # weight first, as before: state_dict keeps its key order
+            self._parameters.clear()
+            self._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+            self._parameters.update(rest)
         return self
 
     def _set_packed(self, packed: torch.Tensor) -> None:

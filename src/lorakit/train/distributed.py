@@ -172,6 +172,25 @@ def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
+def held_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """(bytes this process holds, bytes of the whole model, bytes every process holds whole):
+    parameters (their local shards when sharded), plus buffers and 4-bit quant states (whole)."""
+    from torch.distributed.tensor import DTensor
+
+    local = whole = 0
+    for p in model.parameters():
+        size = p.element_size()
+        whole += p.numel() * size
+        local += (p.to_local().numel() if isinstance(p, DTensor) else p.numel()) * size
+    extra = sum(b.numel() * b.element_size() for b in model.buffers())
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "as_dict"):
+            extra += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
+                         if torch.is_tensor(t))
+    return local + extra, whole + extra, extra
+
+
 def full_tensor(value: Any) -> Any:
     """The whole tensor behind a DTensor (a collective: every process calls it in the same order)."""
     from torch.distributed.tensor import DTensor

@@ -152,6 +152,9 @@ class Trainer:
         if tc.parallel == "fsdp" and info.enabled:
             distributed.shard_model(model, info)
             self.params = [p for _, p in model.named_parameters() if p.requires_grad]  # now DTensors
+            held, whole, kept = (n / 2**20 for n in distributed.held_bytes(model))
+            self.reporter.message(f"fsdp: {info.world_size} processes, each holds {held:.4g} MiB of the model's "
+                                  f"{whole:.4g} MiB ({kept:.4g} MiB of buffers and 4-bit quant states whole)")
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio, tc.adam_betas,
                                          tc.adam_eps)
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
