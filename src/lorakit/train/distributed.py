@@ -128,19 +128,6 @@ def barrier(info: DistInfo) -> None:
 # ---------------------------------------------------------------------- FSDP2
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes
-    (e.g. LlamaDecoderLayer), else the members of the longest ModuleList."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if blocks:
-        return blocks
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
-
-
 def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """FSDP2: ``fully_shard`` every transformer block, then the root; gradients summed, not averaged.
 
@@ -150,6 +137,8 @@ def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from lorakit.models import embedding_units, transformer_blocks
 
     for module in model.modules():
         if hasattr(module, "store_as_parameter_"):
@@ -161,9 +150,9 @@ def shard_model(model: nn.Module, info: DistInfo) -> nn.Module:
 
         raise ConfigError("train.parallel: fsdp found no transformer blocks to shard in this model "
                           "(no _no_split_modules, no ModuleList); use train.parallel: ddp")
-    for block in blocks:
+    for block in blocks + embedding_units(model):
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # what is left: final norm, a tied embedding, heads
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # a sum: each process's loss is already / global count
