@@ -122,8 +122,14 @@ def reference(tmp_path: Path, raw: dict, global_batch: int) -> Path:
     return train(load_config(raw=one)).run_dir
 
 
-def sharded_config(tmp_path: Path, quant: str, parallel: str, **train_keys) -> dict:
-    raw = raw_config(tmp_path / "run", max_steps=4, log_every=1, parallel=parallel, **train_keys)
+def device_for(nproc: int) -> str:
+    """NCCL on GPUs when there is one per process (the code picks it by itself); else gloo on CPU."""
+    return "auto" if torch.cuda.device_count() >= nproc else "cpu"
+
+
+def sharded_config(tmp_path: Path, quant: str, parallel: str, nproc: int = 2, **train_keys) -> dict:
+    raw = raw_config(tmp_path / "run", max_steps=4, log_every=1, parallel=parallel, device=device_for(nproc),
+                     **train_keys)
     raw["lora"]["lora_dropout"] = 0.0  # each process draws its own dropout masks
     raw["quant"] = {"method": quant}
     raw["data"]["eval_file"] = raw["data"]["train_file"]
@@ -137,7 +143,8 @@ def sharded_config(tmp_path: Path, quant: str, parallel: str, **train_keys) -> d
 @pytest.mark.parametrize(("parallel", "quant", "nproc", "checkpointing"), [
     ("fsdp", "none", 2, False), ("fsdp", "nf4", 2, True), ("ddp", "nf4", 2, False), ("fsdp", "nf4", 4, False)])
 def test_processes_match_one_at_the_same_global_batch(tmp_path, parallel, quant, nproc, checkpointing):
-    raw = sharded_config(tmp_path, quant, parallel, batch_size=4 // nproc, gradient_checkpointing=checkpointing)
+    raw = sharded_config(tmp_path, quant, parallel, nproc, batch_size=4 // nproc,
+                         gradient_checkpointing=checkpointing)
     want = reference(tmp_path, raw, 4)
     done = torchrun(config_file(tmp_path, raw, "c"), nproc, cwd=tmp_path)
     assert_same_run(tmp_path / "run", want)
@@ -198,6 +205,14 @@ def test_kill_9_of_one_process_then_resume_is_bit_identical_and_another_count_re
     assert_same_run(other, tmp_path / "whole")
 
 
+def node_env(rank: int) -> dict:
+    """Each loopback "node" sees its own GPU (local rank 0 on both), as separate machines would."""
+    e = env()
+    if torch.cuda.device_count() >= 2:
+        e["CUDA_VISIBLE_DEVICES"] = str(rank)
+    return e
+
+
 @pytest.mark.slow
 @needs_torchrun
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
@@ -208,7 +223,8 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
     nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
                                "--master_addr", "127.0.0.1", "--master_port", str(port),
                                "-m", "lorakit", "train", str(cfg), "--no-progress"],
-                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                              env=node_env(rank), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
              for rank in (0, 1)]
     outs = [node.communicate(timeout=300) for node in nodes]
     for node, (_, err) in zip(nodes, outs):

@@ -64,6 +64,12 @@ def setup(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            from lorakit.errors import ConfigError
+
+            raise ConfigError(f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()} "
+                              "visible; NCCL needs one per process): start at most that many with "
+                              "--nproc_per_node, or set train.device: cpu")
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
