@@ -93,11 +93,13 @@ def worker(args: argparse.Namespace) -> None:
     rss0 = status_bytes("VmRSS")
     model, params, optimizer = build(config, args, info)
     load = status_bytes("VmHWM") - rss0
+    resident = status_bytes("VmRSS") - rss0
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := current RSS
     train_steps(model, params, optimizer, input_ids, info)
     hwm = status_bytes("VmHWM")
-    rows = distributed.gather_objects({"rank": info.rank, "peak": hwm - rss0, "raw": hwm - raw0, "load": load},
+    rows = distributed.gather_objects({"rank": info.rank, "peak": hwm - rss0, "raw": hwm - raw0, "load": load,
+                                       "resident": resident},
                                       info)
     if info.is_main:
         Path(args.out).write_text(json.dumps(rows))
@@ -124,6 +126,7 @@ def main() -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        args.quant = args.quant[0]  # one value per worker run
         worker(args)
         return 0
     from transformers import LlamaConfig
