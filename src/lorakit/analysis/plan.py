@@ -13,9 +13,11 @@ process holds everything, so its peak is the one-process peak at its batch. ``pa
 (``lorakit train``'s ``train.parallel: fsdp``): every parameter (the 4-bit codes too) is split
 along dim 0 into N padded shards, so weights, LoRA, gradients and AdamW state count 1/N (the largest
 shard, rank 0's); buffers and 4-bit scales stay whole; and the step gathers whole units
-(transformer blocks, an untied embedding and head, each on its own): two of the largest unit's
-parameters are counted as alive at once (the one running and the next one gathered), and the
-root's own parameters (final norm, a tied embedding) for the whole step.
+(transformer blocks, an untied embedding and head, each on its own): three times the largest
+unit's parameters are counted as alive at once (in backward FSDP2 gathers the next unit while one
+runs: the running unit's parameters, the next one's all-gather buffer and the parameters it is
+being copied out into), and the root's own parameters (final norm, a tied embedding) for the
+whole step.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
             trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
             weights_bytes=shards.frozen_local + shards.whole, lora_bytes=shards.trainable_local,
             grads_bytes=shards.trainable_local, optimizer_bytes=2 * shards.trainable_local + 4 * len(trainable),
-            activation_bytes=max(0, tracker.peak - grads_bytes), gather_bytes=2 * shards.largest_unit + shards.root, notes=notes)
+            activation_bytes=max(0, tracker.peak - grads_bytes), gather_bytes=3 * shards.largest_unit + shards.root, notes=notes)
     return MemoryPlan(
         request=dataclasses.asdict(request), task="causal-lm" if causal else "embedding", adapted_layers=adapted,
         trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
