@@ -13,11 +13,11 @@ process holds everything, so its peak is the one-process peak at its batch. ``pa
 (``lorakit train``'s ``train.parallel: fsdp``): every parameter (the 4-bit codes too) is split
 along dim 0 into N padded shards, so weights, LoRA, gradients and AdamW state count 1/N (the largest
 shard, rank 0's); buffers and 4-bit scales stay whole; and the step gathers whole units
-(transformer blocks, an untied embedding and head, each on its own): three times the largest
-unit's parameters are counted as alive at once (in backward FSDP2 gathers the next unit while one
-runs: the running unit's parameters, the next one's all-gather buffer and the parameters it is
-being copied out into), and the root's own parameters (final norm, a tied embedding) for the
-whole step.
+(transformer blocks, an untied embedding and head, each on its own). Counted as alive at once:
+the largest unit twice (its all-gather buffer and the parameters copied out of it), the largest
+block once more (FSDP2 gathers the next block of the backward while one runs), and the root's own
+parameters (final norm, a tied embedding) for the whole step. This form was chosen against the
+measurements in BENCHMARKS.md ("FSDP: memory per process", one model), so it is a fit, not a proof.
 """
 
 from __future__ import annotations
@@ -252,7 +252,8 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
             trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
             weights_bytes=shards.frozen_local + shards.whole, lora_bytes=shards.trainable_local,
             grads_bytes=shards.trainable_local, optimizer_bytes=2 * shards.trainable_local + 4 * len(trainable),
-            activation_bytes=max(0, tracker.peak - grads_bytes), gather_bytes=3 * shards.largest_unit + shards.root, notes=notes)
+            activation_bytes=max(0, tracker.peak - grads_bytes), gather_bytes=2 * shards.largest_unit + shards.largest_block + shards.root,
+            notes=notes)
     return MemoryPlan(
         request=dataclasses.asdict(request), task="causal-lm" if causal else "embedding", adapted_layers=adapted,
         trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
@@ -352,6 +353,7 @@ class FsdpShards:
     whole: int  # buffers and 4-bit scales, whole on every process
     largest_unit: int  # bytes of the largest unit's parameters, gathered whole
     root: int  # bytes of the parameters outside every unit: gathered for the whole step
+    largest_block: int  # bytes of the largest transformer block's parameters
 
 
 _SHARDED_BUFFERS = ("packed",)  # the 4-bit stand-in's codes: a parameter once lorakit shards the model
@@ -376,8 +378,12 @@ def fsdp_shards(model: nn.Module, processes: int) -> FsdpShards:
     frozen = sum(local(t) for t in every.values() if not t.requires_grad)
     trainable = sum(local(t) for t in every.values() if t.requires_grad)
     whole = sum(t.numel() * t.element_size() for i, t in {id(b): b for b in model.buffers()}.items() if i not in every)
-    units = transformer_blocks(model) + embedding_units(model)
+    blocks = transformer_blocks(model)
+    units = blocks + embedding_units(model)
     in_units = {i for u in units for i in sharded_tensors(u)}
     rest = sum(t.numel() * t.element_size() for i, t in every.items() if i not in in_units)
-    largest = max([_nbytes(list(sharded_tensors(u).values())) for u in units], default=0)
-    return FsdpShards(frozen, trainable, whole, largest, rest)
+
+    def largest(modules: list[nn.Module]) -> int:
+        return max([_nbytes(list(sharded_tensors(u).values())) for u in modules], default=0)
+
+    return FsdpShards(frozen, trainable, whole, largest(units), rest, largest(blocks))
