@@ -141,12 +141,12 @@ def sharded_config(tmp_path: Path, quant: str, parallel: str, nproc: int = 2, **
 @pytest.mark.slow
 @needs_torchrun
 @pytest.mark.parametrize(("parallel", "quant", "nproc", "checkpointing", "variant"), [
-    ("fsdp", "none", 2, False, {"use_dora": True, "lora_bias": True}), ("fsdp", "nf4", 2, True, {}),
+    ("fsdp", "none", 2, False, {"use_dora": True}), ("fsdp", "nf4", 2, True, {}),
     ("ddp", "nf4", 2, False, {}), ("fsdp", "nf4", 4, False, {})])
 def test_processes_match_one_at_the_same_global_batch(tmp_path, parallel, quant, nproc, checkpointing, variant):
     raw = sharded_config(tmp_path, quant, parallel, nproc, batch_size=4 // nproc,
                          gradient_checkpointing=checkpointing)
-    raw["lora"].update(variant)  # DoRA's magnitude and the trained base bias live inside the sharded blocks
+    raw["lora"].update(variant)  # DoRA: its magnitude vectors are sharded with the blocks
     want = reference(tmp_path, raw, 4)
     done = torchrun(config_file(tmp_path, raw, "c"), nproc, cwd=tmp_path)
     assert_same_run(tmp_path / "run", want)
