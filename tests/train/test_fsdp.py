@@ -155,7 +155,7 @@ def test_processes_match_one_at_the_same_global_batch(tmp_path, parallel, quant,
     assert done.stdout.count("done: ") == 1  # rank 0 alone reports and writes
     if parallel == "fsdp":  # each process holds 1/N of the parameters (buffers and 4-bit quant states whole)
         line = next(x for x in (done.stdout + done.stderr).splitlines() if x.startswith("fsdp: "))
-        held, whole, kept = (float(w) for w in re.findall(r"([\d.]+) MiB", line))
+        held, whole, kept = (float(w) for w in re.findall(r"([\d.]+(?:e[-+]?\d+)?) MiB", line))
         # rounding to 4 digits and each tensor's dim-0 padding to a multiple of N: 2% of the shard
         assert abs((held - kept) - (whole - kept) / nproc) <= 0.02 * (whole - kept) / nproc, line
 
