@@ -169,7 +169,7 @@ def worker_pids(pid: int) -> list[int]:
 @needs_torchrun
 def test_kill_9_of_one_process_then_resume_is_bit_identical_and_another_count_resumes(tmp_path):
     raw = sharded_config(tmp_path, "nf4", "fsdp", batch_size=2)
-    raw["train"].update(max_steps=30, save_every=3, eval_every=0)
+    raw["train"].update(max_steps=20, save_every=3, eval_every=0)
     raw["data"].pop("eval_file")
     whole = {**raw, "train": {**raw["train"], "output_dir": str(tmp_path / "whole")}}
     torchrun(config_file(tmp_path, whole, "whole"), 2, cwd=tmp_path)
@@ -187,7 +187,7 @@ def test_kill_9_of_one_process_then_resume_is_bit_identical_and_another_count_re
     proc.wait(timeout=120)
     assert proc.returncode != 0
     killed_at = max(s for s, _ in ckpt.list_checkpoints(run))
-    assert not (run / "adapter").exists() and killed_at < 30, "the run finished before the kill"
+    assert not (run / "adapter").exists() and killed_at < 20, "the run finished before the kill"
     other = tmp_path / "other"
     shutil.copytree(run, other)
 
