@@ -228,8 +228,7 @@ class Trainer:
             text = (f"warning: resuming a run saved by {world} process(es) with {info.world_size}: same data "
                     "and steps, but gradients and norms are summed in another order, so the result may "
                     "differ from an uninterrupted run in the last bits")
-            log.warning(text)
-            if info.is_main:
+            if info.is_main:  # as the changed-config warning: once, through the reporter (the CLI prints it)
                 self.reporter.message(text)
 
     # ------------------------------------------------------------------ the loop
