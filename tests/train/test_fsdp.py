@@ -81,6 +81,18 @@ def test_4bit_codes_as_a_frozen_parameter_change_nothing_else():
     torch.testing.assert_close(other(x), F.linear(x, other.dequantize(), other.bias))
 
 
+def test_resume_must_keep_the_global_batch(tmp_path):
+    raw = raw_config(tmp_path / "run", max_steps=2, save_every=1)
+    train(load_config(raw=raw))
+    before = [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")]
+    raw["train"]["batch_size"] = 3
+    with pytest.raises(ConfigError, match=r"global batch of 2 rows .* set train.batch_size so that batch_size × "
+                                          r"processes = 2"):
+        train(load_config(raw=raw), resume=True)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == before  # nothing saved is lost
+    assert (tmp_path / "run" / "adapter").is_dir()
+
+
 # ---------------------------------------------------------------------- torchrun
 
 
