@@ -290,3 +290,38 @@ def hub_snapshot(repo_id: str) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else ""
+
+
+# ---------------------------------------------------------------------- model structure
+
+
+def transformer_blocks(model: Any) -> list[Any]:
+    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes
+    (e.g. LlamaDecoderLayer), else the members of the longest ModuleList. FSDP shards each on its
+    own (lorakit.train.distributed.shard_model), and ``lorakit plan`` counts them the same way."""
+    from torch import nn
+
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def embedding_units(model: Any) -> list[Any]:
+    """Input embedding and output head as units of their own when untied: the root's parameters stay
+    gathered for the whole step, and these are often the largest matrices of a small model."""
+    find = getattr(model, "get_base_model", None)
+    base = find() if find is not None else model
+    get_in, get_out = getattr(base, "get_input_embeddings", None), getattr(base, "get_output_embeddings", None)
+    emb = get_in() if get_in is not None else None
+    head = get_out() if get_out is not None else None
+    if emb is None or head is None:
+        return []
+    weights = {id(p) for p in emb.parameters()}
+    if any(id(p) in weights for p in head.parameters()):  # tied: one tensor, one unit (the root)
+        return []
+    return [emb, head]

@@ -185,6 +185,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="base weight / compute dtype (default float32; bfloat16 with --quant nf4)")
+    p.add_argument("--processes", type=int, default=1, help="torchrun processes; the estimate is per process "
+                   "and --batch is each process's")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="with --processes > 1: ddp = the "
+                   "whole model in each process, fsdp = sharded as train.parallel: fsdp does")
     p.add_argument("--budget-gb", type=float, help="memory available (GiB); advice is given if the plan exceeds it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_user_errors(_run_plan))
@@ -195,7 +199,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     request = PlanRequest(model=args.model, r=args.r, target=parse_target(args.target), quant=None if args.quant == "none" else args.quant,
                           batch=args.batch, seq=args.seq, grad_checkpointing=args.grad_checkpointing,
-                          dtype=args.dtype)
+                          dtype=args.dtype, processes=args.processes, parallel=args.parallel)
     plan = plan_memory(request)
     advice = advise(request, plan, args.budget_gb) if args.budget_gb is not None else []
     if args.json:

@@ -7,6 +7,17 @@ Nothing is loaded: the model is built from its config on the meta device, wrappe
 own LoRA layers, and one forward + backward runs on fake CPU tensors (memtrace) to find the peak of
 live activation memory, including the backward's transient buffers. AdamW state is counted as
 alive through that step (steady state after the first optimizer step).
+
+Several processes (``processes`` > 1, torchrun): ``batch`` is per process. ``parallel="ddp"``: each
+process holds everything, so its peak is the one-process peak at its batch. ``parallel="fsdp"``
+(``lorakit train``'s ``train.parallel: fsdp``): every parameter (the 4-bit codes too) is split
+along dim 0 into N padded shards, so weights, LoRA, gradients and AdamW state count 1/N (the largest
+shard, rank 0's); buffers and 4-bit scales stay whole; and the step gathers whole units
+(transformer blocks, an untied embedding and head, each on its own). Counted as alive at once:
+the largest unit twice (its all-gather buffer and the parameters copied out of it), the largest
+block once more (FSDP2 gathers the next block of the backward while one runs), and the root's own
+parameters (final norm, a tied embedding) for the whole step. This form was chosen against the
+measurements in BENCHMARKS.md ("FSDP: memory per process", one model), so it is a fit, not a proof.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ class PlanRequest:
     seq: int = 512  # tokens per sequence
     grad_checkpointing: bool = False  # recompute each block's activations in backward
     dtype: str | None = None  # base weights / compute: float32 (default) or bfloat16 / float16 (default with nf4)
+    processes: int = 1  # torchrun processes; the plan is per process
+    parallel: str = "ddp"  # with processes > 1: "ddp" (whole model each) or "fsdp" (sharded, lorakit train's)
 
     def resolved_dtype(self) -> str:
         return self.dtype or ("bfloat16" if self.quant else "float32")
@@ -54,18 +67,21 @@ class MemoryPlan:
     optimizer_bytes: int  # AdamW exp_avg + exp_avg_sq (+ step counters)
     activation_bytes: int  # peak of forward+backward allocations, net of the gradients
     notes: list[str] = field(default_factory=list)
+    gather_bytes: int = 0  # fsdp: whole units gathered during the step (0 for one process or ddp)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.lora_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.weights_bytes + self.lora_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.gather_bytes)
 
     @property
     def trainable_fraction(self) -> float:
         return self.trainable_params / (self.trainable_params + self.base_params)
 
     def parts(self) -> dict[str, int]:
-        return {"weights": self.weights_bytes, "lora_params": self.lora_bytes, "grads": self.grads_bytes,
-                "optimizer": self.optimizer_bytes, "activations": self.activation_bytes}
+        parts = {"weights": self.weights_bytes, "lora_params": self.lora_bytes, "grads": self.grads_bytes,
+                 "optimizer": self.optimizer_bytes, "activations": self.activation_bytes}
+        return {**parts, "fsdp_gather": self.gather_bytes} if self.gather_bytes else parts
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_bytes": self.total_bytes, "trainable_fraction": self.trainable_fraction}
@@ -150,6 +166,10 @@ def validate(request: PlanRequest) -> None:
             raise PlanError(f"{name} must be a positive integer, got {value!r}")
     if request.quant not in (None, "nf4"):
         raise PlanError(f"quant must be None or 'nf4', got {request.quant!r}")
+    if isinstance(request.processes, bool) or not isinstance(request.processes, int) or request.processes < 1:
+        raise PlanError(f"processes must be a positive integer, got {request.processes!r}")
+    if request.parallel not in ("ddp", "fsdp"):
+        raise PlanError(f"parallel must be 'ddp' or 'fsdp', got {request.parallel!r}")
     if request.resolved_dtype() not in DTYPES:
         raise PlanError(f"dtype must be one of {', '.join(DTYPES)}, got {request.dtype!r}")
 
@@ -203,6 +223,9 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
     frozen = [t for t in _unique_tensors(model) if not (isinstance(t, nn.Parameter) and t.requires_grad)]
     lora_bytes = _nbytes(trainable)
     adapted = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
+    sharded = request.parallel == "fsdp" and request.processes > 1
+    if sharded:
+        shards = fsdp_shards(model, request.processes)
 
     mode = FakeTensorMode()
     fake_cpu_module(model, mode)
@@ -219,6 +242,16 @@ def plan_memory(request: PlanRequest) -> MemoryPlan:
     optimizer_bytes = 2 * lora_bytes + 4 * len(trainable)
     if request.grad_checkpointing:
         notes.append("gradient checkpointing: non-reentrant, one block recomputed at a time")
+    if request.processes > 1:
+        notes.append(f"per process of {request.processes} ({request.parallel}), batch {request.batch} each")
+    if sharded:
+        return MemoryPlan(
+            request=dataclasses.asdict(request), task="causal-lm" if causal else "embedding", adapted_layers=adapted,
+            trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
+            weights_bytes=shards.frozen_local + shards.whole, lora_bytes=shards.trainable_local,
+            grads_bytes=shards.trainable_local, optimizer_bytes=2 * shards.trainable_local + 4 * len(trainable),
+            activation_bytes=max(0, tracker.peak - grads_bytes), gather_bytes=2 * shards.largest_unit + shards.largest_block + shards.root,
+            notes=notes)
     return MemoryPlan(
         request=dataclasses.asdict(request), task="causal-lm" if causal else "embedding", adapted_layers=adapted,
         trainable_params=sum(p.numel() for p in trainable), base_params=base_params,
@@ -309,3 +342,46 @@ def parse_target(text: str) -> str | list[str]:
         return text
     return [t.strip() for t in text.split(",") if t.strip()]
 
+
+
+@dataclass
+class FsdpShards:
+    frozen_local: int  # bytes of frozen parameters (and 4-bit codes) in rank 0's shards
+    trainable_local: int  # bytes of trainable parameters in rank 0's shards
+    whole: int  # buffers and 4-bit scales, whole on every process
+    largest_unit: int  # bytes of the largest unit's parameters, gathered whole
+    root: int  # bytes of the parameters outside every unit: gathered for the whole step
+    largest_block: int  # bytes of the largest transformer block's parameters
+
+
+_SHARDED_BUFFERS = ("packed",)  # the 4-bit stand-in's codes: a parameter once lorakit shards the model
+
+
+def fsdp_shards(model: nn.Module, processes: int) -> FsdpShards:
+    """How ``train.parallel: fsdp`` (lorakit.train.distributed.shard_model) splits `model`."""
+    from lorakit.models import embedding_units, transformer_blocks
+
+    def local(t: torch.Tensor) -> int:
+        if t.dim() == 0:
+            return t.element_size()
+        rows = -(-t.shape[0] // processes)  # torch.chunk's first (largest) shard
+        return rows * (t.numel() // max(t.shape[0], 1)) * t.element_size()
+
+    def sharded_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+        out = {id(p): p for p in module.parameters()}
+        out.update({id(b): b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in _SHARDED_BUFFERS})
+        return out
+
+    every = sharded_tensors(model)
+    frozen = sum(local(t) for t in every.values() if not t.requires_grad)
+    trainable = sum(local(t) for t in every.values() if t.requires_grad)
+    whole = sum(t.numel() * t.element_size() for i, t in {id(b): b for b in model.buffers()}.items() if i not in every)
+    blocks = transformer_blocks(model)
+    units = blocks + embedding_units(model)
+    in_units = {i for u in units for i in sharded_tensors(u)}
+    rest = sum(t.numel() * t.element_size() for i, t in every.items() if i not in in_units)
+
+    def largest(modules: list[nn.Module]) -> int:
+        return max([_nbytes(list(sharded_tensors(u).values())) for u in modules], default=0)
+
+    return FsdpShards(frozen, trainable, whole, largest(units), rest, largest(blocks))

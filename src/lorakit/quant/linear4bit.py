@@ -14,6 +14,15 @@ full-precision memory QLoRA exists to avoid (BENCHMARKS.md, QLoRA / NF4).
 State-dict layout matches bitsandbytes' ``Linear4bit``: ``weight`` (packed uint8, (n/2, 1)),
 ``bias``, and ``weight.absmax`` / ``weight.quant_map`` / ``weight.nested_absmax`` /
 ``weight.nested_quant_map`` / ``weight.quant_state.bitsandbytes__nf4``.
+
+Sharding (FSDP2): the packed codes are a buffer, which ``fully_shard`` leaves whole on every
+process. :meth:`Linear4bit.store_as_parameter_` makes them a frozen ``uint8`` parameter instead, so
+FSDP2 shards them along dim 0 and all-gathers them (as bytes) before the block runs. FSDP-QLoRA
+(FSDP1) had to store the codes in a float dtype (bitsandbytes' ``quant_storage``) because FSDP1
+flattens a block into one tensor of one dtype; FSDP2 shards each parameter on its own and gathers
+mixed dtypes as bytes, and its mixed-precision casts skip non-float parameters, so uint8 needs no
+reinterpretation and can't be cast by mistake. The quant state (absmax, code book) is ~1/30 of
+the codes and stays whole on every process. The state-dict keys don't change.
 """
 
 from __future__ import annotations
@@ -154,6 +163,23 @@ class Linear4bit(nn.Module):
 
     # ---- the weight ----
 
+    def store_as_parameter_(self) -> Linear4bit:
+        """Hold the packed codes as a frozen uint8 ``nn.Parameter`` (for FSDP2 to shard); idempotent."""
+        if "weight" not in self._parameters:
+            packed = self._buffers.pop("weight")
+            rest = dict(self._parameters)  # weight first, as before: state_dict keeps its key order
+            self._parameters.clear()
+            self._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+            self._parameters.update(rest)
+        return self
+
+    def _set_packed(self, packed: torch.Tensor) -> None:
+        """Replace the codes, keeping them a buffer or a frozen parameter as they were."""
+        if "weight" in self._parameters:
+            self.weight = nn.Parameter(packed, requires_grad=False)
+        else:
+            self.weight = packed
+
     @property
     def blocksize(self) -> int:
         return self.quant_state.blocksize
@@ -182,7 +208,7 @@ class Linear4bit(nn.Module):
         packed, new_state = quantize_4bit(
             merged.to(state.dtype), state.blocksize, state.nested, state.quant_type
         )
-        self.weight = packed
+        self._set_packed(packed.reshape(-1, 1))
         self.quant_state = new_state
         warnings.warn(
             f"added a delta to a 4-bit weight ({self.out_features}x{self.in_features}): dequantised, "
@@ -244,7 +270,7 @@ class Linear4bit(nn.Module):
                 error_msgs.append(f"{prefix}weight: can't load the 4-bit quant state: {exc}")
                 return
             if packed is not None:
-                self.weight = packed.detach().to(self.weight.device).reshape(-1, 1).clone()
+                self._set_packed(packed.detach().to(self.weight.device).reshape(-1, 1).clone())
                 self.quant_state = state
             ours = {prefix + "weight"} | {prefix + k for k in entries}
             state_dict = {k: v for k, v in state_dict.items() if k not in ours}

@@ -17,6 +17,9 @@ HELP = """Fine-tune a LoRA adapter from a YAML config.
   lorakit train cfg.yaml --resume            # after a crash or kill: continue from the last checkpoint
   (Ctrl-C or SIGTERM: finishes the current step, writes a checkpoint, prints the command to resume)
   torchrun --nproc_per_node 2 -m lorakit train cfg.yaml     # data-parallel (gloo on CPU, NCCL on GPU)
+  torchrun --nproc_per_node 2 -m lorakit train cfg.yaml --set train.parallel=fsdp   # sharded (FSDP2)
+  torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST --master_port 29500 \
+      -m lorakit train cfg.yaml                             # on each of 2 machines (R = 0, 1)
 
 The run folder (train.output_dir) receives config.yaml (resolved), metrics.jsonl, loss.png,
 checkpoints/step-N/ and adapter/ (PEFT format + tokenizer + training_meta.json).

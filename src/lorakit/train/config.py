@@ -115,6 +115,11 @@ class TrainSection(_Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
         "compute dtype: bfloat16 runs the forward under torch.autocast (weights and optimizer stay fp32)"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "under torchrun: ddp = every process holds the whole model, gradients all-reduced; fsdp = PyTorch "
+        "FSDP2 fully_shard per transformer block (base, 4-bit base and adapter), each process holds 1/N. "
+        "fsdp refuses AdaLoRA, DyLoRA and shared_a_with (they touch whole matrices between steps or share "
+        "one tensor across blocks). One process ignores it"))
     threads: int | None = Field(None, ge=1, description=(
         "torch CPU threads per process (default: the CLI's choice, lorakit.threads: --threads, "
         "$LORAKIT_THREADS, $OMP_NUM_THREADS, else min(physical cores, idle CPUs))"))
@@ -160,6 +165,22 @@ class TrainConfig(_Section):
     def _lora_schedule_fits(self) -> TrainConfig:
         if self.train.max_steps and _needs_total_step(self.lora):
             self.lora_config()  # the schedule checked against the run length it will get
+        return self
+
+    @model_validator(mode="after")
+    def _shardable(self) -> TrainConfig:
+        if self.train.parallel != "fsdp":
+            return self
+        lora = self.lora
+        refused = [name for name, on in (
+            ("AdaLoRA (peft_type ADALORA)", str(lora.get("peft_type", "LORA")).upper() == "ADALORA"),
+            ("DyLoRA (use_dylora)", bool(lora.get("use_dylora"))),
+            ("shared_a_with", bool(lora.get("shared_a_with")))) if on]
+        if refused:
+            raise ConfigError(
+                f"train.parallel: fsdp can't train {refused[0]}: its adapter reads or changes whole matrices "
+                "between steps (rank budgets, rank draws) or shares one tensor across blocks, which per-block "
+                "sharding splits; use train.parallel: ddp for it")
         return self
 
     def set_total_steps(self, steps: int) -> None:

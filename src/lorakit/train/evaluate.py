@@ -52,11 +52,15 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], batch_size: in
     width = num_labels or 1
     confusion = torch.zeros(width, width, dtype=torch.float64)
     sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, target count)
-    for batch_index in range(info.rank, len(batches), info.world_size):
-        batch = collate([examples[i] for i in batches[batch_index]], pad)
+    # sharded (FSDP): every process runs as many forwards as the busiest one; the extra ones are dropped
+    rounds = -(-len(batches) // info.world_size) * info.world_size if info.sharded else len(batches)
+    for batch_index in range(info.rank, rounds, info.world_size):
+        batch = collate([examples[i] for i in batches[min(batch_index, len(batches) - 1)]], pad)
         batch = {k: v.to(info.device) for k, v in batch.items()}
         with autocast(info.device, dtype):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if batch_index >= len(batches):
+            continue
         labels = batch["labels"]
         sums[0] += summed_loss(logits, labels, num_labels).double().cpu()
         if num_labels is not None:

@@ -5,6 +5,11 @@ Every micro-batch loss is a *sum* divided by the number of targets in the whole 
 micro-batches, all processes), so the step's gradient is the mean over its targets however the
 rows are split: ``g = Σ_micro Σ_rank ∇ loss_sum / N_targets``. That is what makes 1 process with
 batch 2B equal 2 processes with batch B, and grad accumulation equal a bigger batch.
+
+Under ``train.parallel: fsdp`` the model is sharded after rank 0's adapter is broadcast
+(:func:`lorakit.train.distributed.shard_model`); every process then runs every forward (a process
+with no rows of a micro-batch runs one row with weight 0), and checkpoints hold whole tensors, as
+one process writes them, so a run can resume with another process count.
 """
 
 from __future__ import annotations
@@ -144,6 +149,12 @@ class Trainer:
                                           "continuation needs the config the run started with")
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
         distributed.broadcast_params(self.params, info)
+        if tc.parallel == "fsdp" and info.enabled:
+            distributed.shard_model(model, info)
+            self.params = [p for _, p in model.named_parameters() if p.requires_grad]  # now DTensors
+            held, whole, kept = (n / 2**20 for n in distributed.held_bytes(model))
+            self.reporter.message(f"fsdp: {info.world_size} processes, each holds {held:.4g} MiB of the model's "
+                                  f"{whole:.4g} MiB ({kept:.4g} MiB of buffers and 4-bit quant states whole)")
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.loraplus_lr_ratio, tc.adam_betas,
                                          tc.adam_eps)
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
@@ -183,10 +194,11 @@ class Trainer:
         if missing or set(tensors) - set(named):
             raise ConfigError(f"checkpoint {latest} does not fit this model (e.g. {missing[:2]}); was the lora or "
                               "model section changed? Resume with the config the run started with")
+        self._check_layout(saved)
         with torch.no_grad():
             for key, value in tensors.items():
-                named[key].copy_(value)
-        self.optimizer.load_state_dict(saved["optimizer"])
+                named[key].copy_(distributed.like_param(value.to(named[key].dtype), named[key]))
+        self.optimizer.load_state_dict(distributed.shard_optimizer_state(saved["optimizer"], self.optimizer))
         rng = saved["rng"][self.info.rank] if self.info.rank < len(saved["rng"]) else saved["rng"][0]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -200,6 +212,24 @@ class Trainer:
             elif saved["step"]:  # stateless hooks are a function of the step (DyLoRA's rank draw)
                 hook.step(self.model, saved["step"] - 1)
         return {k: saved[k] for k in fresh}
+
+    def _check_layout(self, saved: dict[str, Any]) -> None:
+        """The data position is counted in global batches: the global batch must not change; the
+        process count may (same data, same steps), with sums reduced in another order."""
+        tc, info = self.cfg.train, self.info
+        world = saved.get("world_size", info.world_size)
+        rows = saved.get("global_rows", tc.batch_size * info.world_size)
+        if rows != tc.batch_size * info.world_size:
+            raise ConfigError(
+                f"the checkpoint was written with a global batch of {rows} rows ({world} process(es)); now it "
+                f"would be {tc.batch_size} × {info.world_size} = {tc.batch_size * info.world_size}. Keep the "
+                f"global batch: set train.batch_size so that batch_size × processes = {rows}")
+        if world != info.world_size:
+            text = (f"warning: resuming a run saved by {world} process(es) with {info.world_size}: same data "
+                    "and steps, but gradients and norms are summed in another order, so the result may "
+                    "differ from an uninterrupted run in the last bits")
+            if info.is_main:  # as the changed-config warning: once, through the reporter (the CLI prints it)
+                self.reporter.message(text)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self, run_dir: Path, total_steps: int) -> RunResult:
@@ -229,14 +259,18 @@ class Trainer:
             sums = torch.zeros(3, dtype=torch.float64)  # (loss sum, input tokens, stop requests) on this process
             for rows in micro:
                 mine = rows[info.rank::info.world_size]
+                weight = 1.0
                 if not mine:
-                    continue
+                    if not info.sharded:
+                        continue
+                    mine, weight = rows[:1], 0.0  # FSDP's gathers need every process in every forward
                 batch = {k: v.to(info.device) for k, v in collate([data.train[i] for i in mine], pad).items()}
                 with autocast(info.device, tc.dtype):
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = summed_loss(logits, batch["labels"], self.num_labels)
+                loss_sum = summed_loss(logits, batch["labels"], self.num_labels) * weight
                 (loss_sum / max(count, 1)).backward()
-                sums[:2] += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+                sums[:2] += torch.tensor([loss_sum.item(), weight * float(batch["attention_mask"].sum())],
+                                        dtype=torch.float64)
             # a signal seen by any process stops them all after this same step
             sums[2] = float(self.stop.signum is not None)
             sums = distributed.all_reduce_sum(sums.to(info.device), info).cpu()
@@ -246,7 +280,7 @@ class Trainer:
             if extra.requires_grad:  # a penalty on the weights (AdaLoRA): once per step, summed over ranks
                 (extra / info.world_size).backward()
             distributed.all_reduce_grads(self.params, info)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or math.inf, foreach=False)
+            norm = clip_gradients(self.params, tc.max_grad_norm)
             if not math.isfinite(float(norm)):
                 self._diverged(run_dir, "gradient norm", float(norm), lr)
             self.optimizer.step()
@@ -319,16 +353,19 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state() if info.device.type == "cuda" else None}
         all_rng = distributed.gather_objects(rng, info)
-        if info.is_main:
-            trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            saved = {**{k: state[k] for k in ("step", "epoch", "batch", "best", "tokens", "window")},
-                     "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                     "rng": all_rng, "hooks": [h.state_dict() if hasattr(h, "state_dict") else None
-                                               for h in self.hooks]}
-            ckpt.save_checkpoint(run_dir, state["step"], self.model, trainable, saved,
-                                 {k: state[k] for k in ("step", "epoch", "batch", "best", "tokens")})
-            best = state["best"]["step"] if state["best"] else -1
-            ckpt.prune_checkpoints(run_dir, self.cfg.train.keep_last, {best})
+        # sharded: every process takes part in gathering the whole tensors; rank 0 alone writes them
+        optimizer = distributed.full_optimizer_state(self.optimizer) if info.sharded else self.optimizer.state_dict()
+        with distributed.gathered_trainable(self.model, info) as trainable:
+            if info.is_main:
+                saved = {**{k: state[k] for k in ("step", "epoch", "batch", "best", "tokens", "window")},
+                         "optimizer": optimizer, "schedule": self.schedule.state_dict(),
+                         "rng": all_rng, "hooks": [h.state_dict() if hasattr(h, "state_dict") else None
+                                                   for h in self.hooks],
+                         "world_size": info.world_size, "global_rows": self.cfg.train.batch_size * info.world_size}
+                ckpt.save_checkpoint(run_dir, state["step"], self.model, trainable, saved,
+                                     {k: state[k] for k in ("step", "epoch", "batch", "best", "tokens")})
+                best = state["best"]["step"] if state["best"] else -1
+                ckpt.prune_checkpoints(run_dir, self.cfg.train.keep_last, {best})
         self.saved_step = state["step"]
         distributed.barrier(info)
 
@@ -362,8 +399,10 @@ class Trainer:
                 r.get("step") == total_steps and any(str(k).startswith("eval_") for k in r)
                 for r in self.metrics.records)
             final = self.last_eval[1] if done else self._evaluate(total_steps, record=not logged)  # type: ignore[index]
+        with distributed.gathered_trainable(self.model, self.info):
+            if self.info.is_main:
+                write_final(self.model, self.tokenizer, self.cfg, self.data, run_dir)
         if self.info.is_main:
-            write_final(self.model, self.tokenizer, self.cfg, self.data, run_dir)
             self._plot(run_dir)
             if self.metrics is not None:
                 (run_dir / "summary.json").write_text(json.dumps(
@@ -371,6 +410,14 @@ class Trainer:
                      "data": self.data.stats}, indent=2) + "\n")
         distributed.barrier(self.info)
         return final
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm (a plain tensor, also when the gradients are FSDP shards)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = distributed.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=False))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm or math.inf, norm, foreach=False)
+    return norm
 
 
 def variant_hooks(model: Any, seed: int) -> list[Any]:
