@@ -195,7 +195,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
     async def stats(request: Request):
         check_key(request, settings)
         return {"engine": asdict(engine.stats), "loaded_adapters": len(registry.loaded),
-                "adapter_loads": registry.loads}
+                "adapter_loads": registry.loads, "adapters": registry.timing_summary()}
 
     from lorakit.serve.admin import add_admin_routes
 

@@ -34,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                    help="bearer key for every endpoint (default: $LORAKIT_API_KEY; admin endpoints are off "
                         "without one)")
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters in memory at once; LRU evicted beyond")
+    p.add_argument("--max-adapters", type=int, default=8,
+                   help="adapters resident at once (usable in a batch); least recently used evicted beyond")
+    p.add_argument("--max-adapter-memory", default="4GiB",
+                   help="host memory for registered adapters' factors (e.g. 512MiB, 4GiB; default 4GiB): each "
+                        "folder is read once at registration and kept here, so making it resident again is a "
+                        "copy; beyond the budget the least recently used are dropped and re-read when needed")
     p.add_argument("--adapter-root", help="POST /v1/adapters may load only folders under this one")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before a 408")
@@ -77,6 +82,7 @@ def build_app(args: argparse.Namespace):
     from lorakit.serve.engine import Engine, ModelHost, load_base_model
     from lorakit.serve.http import ServeSettings
     from lorakit.serve.registry import AdapterRegistry
+    from lorakit.serve.store import parse_bytes
 
     if getattr(args, "threads", None):  # the CLI chose it (lorakit.threads); tests may pass their own
         torch.set_num_threads(args.threads)
@@ -90,7 +96,8 @@ def build_app(args: argparse.Namespace):
         raise ValueError(f"adapter name {base_name!r} is the base model's name; rename one")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     host = ModelHost(load_base_model(base_dir, args.dtype))
-    registry = AdapterRegistry(host, base_name, max_loaded=args.max_adapters, root=args.adapter_root)
+    registry = AdapterRegistry(host, base_name, max_loaded=args.max_adapters, root=args.adapter_root,
+                               max_memory=parse_bytes(getattr(args, "max_adapter_memory", "4GiB")))
     for i, (name, folder) in enumerate(adapters.items()):
         registry.add(name, folder, load=i < args.max_adapters)  # the rest load on first use
     engine = Engine(host, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)

@@ -28,6 +28,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 class LoraLinear(LoraLayer):
+    row_gather = True  # x·Aᵀ then u·Bᵀ on the last axis: mixed batches gather per row
+
     def __init__(self, base: nn.Module, fan_in_fan_out: bool | None = None):
         super().__init__(base)
         # Conv1D stores its weight as (in, out)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lorakit.core import pooled
 from lorakit.core.model import LoraModel
 from lorakit.errors import AdapterLoadError
 from lorakit.io.adapter_folder import read_adapter_config
@@ -52,7 +53,26 @@ class ModelHost:
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.lora.peft_config) if self.lora is not None else []
+        return [*self.lora.peft_config, *self.lora._served] if self.lora is not None else []
+
+    def prepare(self, name: str, folder: str | os.PathLike,
+                root: str | os.PathLike | None = None) -> pooled.ServedAdapter | None:
+        """Read and validate `folder` once, through :meth:`load` (every check of the module path).
+
+        Plain LoRA on Linear layers comes back as factors for the pool (:meth:`install`), and the
+        module copy is dropped again; anything else (variants, modules_to_save, ...) stays loaded as
+        a module under `name` and None is returned.
+        """
+        self.load(name, folder, root=root)
+        if not pooled.servable(self.lora, name):
+            return None
+        served = pooled.extract_served(self.lora, name)
+        self.lora.delete_adapter(name)
+        return served
+
+    def install(self, served: pooled.ServedAdapter) -> None:
+        """Make a prepared adapter resident: one slot, its factors copied into each layer's pool."""
+        pooled.install(self.lora, served)
 
     def load(self, name: str, folder: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         """Load a PEFT-format adapter folder under `name` (the model is unchanged if it fails).
@@ -106,7 +126,9 @@ class ModelHost:
         self.lora.add_weighted_adapter(list(components), list(weights), name, combination_type="cat")
 
     def unload(self, name: str) -> None:
-        if self.lora is not None and name in self.lora.peft_config:
+        if self.lora is not None and name in self.lora._served:
+            pooled.uninstall(self.lora, self.lora._served[name])
+        elif self.lora is not None and name in self.lora.peft_config:
             self.lora.delete_adapter(name)
             logger.info("unloaded adapter %s", name)
 
