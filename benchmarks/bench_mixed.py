@@ -5,8 +5,9 @@ random non-zero factors, inference (no autograd). Two shapes: batch 8 x 128 toke
 and batch 16 x 1 token (a decode step's layer shapes). Per shape, interleaved in one process
 (A B C ... A B C ..., min process CPU time over the repeats after a warm-up):
 
-* lorakit: every row on one adapter; rows over 4 adapters (per-row gather from the factor pool);
-  the same mixed batch through the concatenate-and-mask path (the one before the gather);
+* lorakit: every row on the active adapter (no routing: the single-adapter path); the same with
+  ``adapter_names`` all on that adapter; rows over 4 adapters (gathered from the factor pools); the
+  same mixed batch through the concatenate-and-mask path (the one before the pools);
 * PEFT: every row on one adapter; its ``adapter_names`` mixed batch (a loop over sub-batches).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mixed.py --threads 1 --repeats 15
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--shapes", default="8x128,16x1", help="batch x tokens, comma-separated")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -55,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return step
 
     results = {}
-    for rows, seq in ((8, 128), (16, 1)):
+    for rows, seq in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
         ids = core.batch(8000, rows, seq)
         single, mixed = ["a0"] * rows, [f"a{i % 4}" for i in range(rows)]
         t = core.interleaved({
-            "lorakit single": core.forward_step(ours, ids, adapter_names=single),
+            "lorakit single": core.forward_step(ours, ids),
+            "lorakit single, routed": core.forward_step(ours, ids, adapter_names=single),
             "lorakit mixed": core.forward_step(ours, ids, adapter_names=mixed),
             "lorakit mixed (concat+mask)": concat_path(ids, mixed),
             "PEFT single": core.forward_step(pm, ids),
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         results[shape] = {
             "seconds": cpu,
             "lorakit mixed / lorakit single": cpu["lorakit mixed"] / cpu["lorakit single"],
+            "lorakit routed single / lorakit single": cpu["lorakit single, routed"] / cpu["lorakit single"],
             "lorakit concat+mask / lorakit single": cpu["lorakit mixed (concat+mask)"] / cpu["lorakit single"],
             "PEFT mixed / PEFT single": cpu["PEFT mixed"] / cpu["PEFT single"],
             "lorakit mixed / PEFT mixed": cpu["lorakit mixed"] / cpu["PEFT mixed"],

@@ -12,7 +12,7 @@ from factories import randomize_lora, tiny_llama
 from tolerance import assert_close_fp32
 
 import lorakit
-from lorakit.core import pooled
+from lorakit.core import pooled, routing
 from lorakit.core.layers import LoraLayer
 
 # a logit is a chain of ~2 layers x (attention + MLP) reductions of length ≤ 128
@@ -36,8 +36,12 @@ def _alone(lm, ids, name):
         return lm(ids).logits
 
 
+@pytest.mark.parametrize("cost", [0.0, 4.0, 1e9], ids=["rows", "model", "blocks"])
 @pytest.mark.parametrize("shape", [(6, 7), (5, 1)], ids=["prefill", "decode"])
-def test_gathered_mixed_batch_equals_each_row_alone(shape):
+def test_gathered_mixed_batch_equals_each_row_alone(shape, cost, monkeypatch):
+    """Both gathers (each row's own factors; the distinct adapters' blocks, masked) give each row
+    what that row gives alone; the cost model only picks between them."""
+    monkeypatch.setattr(routing, "GATHER_COST", cost)
     lm = _model()
     ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(0))
     names = ["a", "b", None, "c", "b", "a"][: shape[0]]

@@ -198,8 +198,10 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
                 "adapter_loads": registry.loads, "adapters": registry.timing_summary()}
 
     from lorakit.serve.admin import add_admin_routes
+    from lorakit.serve.ops import add_ops
 
     add_admin_routes(app, engine, registry, settings)
+    add_ops(app, engine, registry, settings)  # /metrics, access log, drain on SIGTERM
     return app
 
 

@@ -52,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--access-log", default="stderr", metavar="stderr|off|FILE",
+                   help="one JSON line per request (no prompt text): to stderr (default), a file, or off")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds running requests get to finish while new ones get 503 (default 30)")
     p.set_defaults(func=_run)
 
 
@@ -123,11 +127,31 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    from lorakit.serve.transport import protocol_class
+    from lorakit.serve.transport import DrainingServer, protocol_class
 
+    _access_log(args.access_log)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 (models: GET /v1/models)", flush=True)
     # our h11 protocol: slow headers time out, malformed HTTP gets an OpenAI error object
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                http=protocol_class(args.body_timeout), timeout_keep_alive=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            http=protocol_class(args.body_timeout), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=2)
+    server = DrainingServer(config, app.state.drain, args.drain_timeout)
+    server.run()
+    if server.drained is not None:
+        print(f"lorakit serve: drained ({'all requests finished' if server.drained else 'timed out'}), "
+              "stopped", file=sys.stderr)
     return 0
+
+
+def _access_log(target: str) -> None:
+    """Route the `lorakit.access` JSON lines (bare, one per line) to stderr, a file, or nowhere."""
+    access = logging.getLogger("lorakit.access")
+    access.propagate = False
+    if target == "off":
+        access.setLevel(logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr) if target == "stderr" else logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
 

@@ -252,7 +252,7 @@ class LoraLayer(Routed, nn.Module):
             pool = FactorPool(self.in_features, self.out_features, like.device, like.dtype)
             self.__dict__["_factor_pool"] = pool  # not a buffer: never saved, moved or counted
         elif pool.device != like.device:
-            pool.a, pool.b, pool.scale = (t.to(like.device) for t in (pool.a, pool.b, pool.scale))
+            pool.a, pool.bt, pool.scale = (t.to(like.device) for t in (pool.a, pool.bt, pool.scale))
         return pool
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
@@ -275,13 +275,13 @@ class LoraLayer(Routed, nn.Module):
             if custom:  # their rows were handled above: route them to the zero slot here
                 row_slot = torch.where(torch.isin(routing.row_index, torch.tensor([g for g, _ in custom])),
                                        0, row_slot)
-            return pool.rows_forward(x, result, routing.on(row_slot, x.device))
+            return pool.forward(x, result, routing, row_slot)
         if present:
             result = self._concat_forward(x, result, routing, present, adapters)
         pool = self.factor_pool
         if routing.pooled and pool is not None:  # served (pool-only) adapters: their rows alone
             pool.reserve(routing.max_slot)
-            result = pool.rows_forward(x, result, routing.on(routing.pooled_row_slot, x.device))
+            result = pool.forward(x, result, routing, routing.pooled_row_slot)
         return result
 
     def _can_gather(self, adapters: list[LoraAdapter], result: torch.Tensor) -> bool:

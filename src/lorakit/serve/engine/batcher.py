@@ -88,6 +88,8 @@ class EngineStats:
     max_rows: int = 0  # largest batch a decode step ran
     max_adapters: int = 0  # most distinct adapters (incl. base) in one decode step
     failures: int = 0
+    prompt_tokens: int = 0  # tokens prefilled
+    generated_tokens: int = 0  # tokens sampled (first tokens from prefills included)
 
 
 class Engine:
@@ -142,6 +144,16 @@ class Engine:
             self._commands.append((fn, future))
             self._cv.notify()
         return future
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch row (metrics)."""
+        return len(self._pending)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch (metrics)."""
+        return len(self._rows)
 
     def pinned(self) -> frozenset[str]:
         """Adapters the running rows use (worker thread): they must stay in memory."""
@@ -204,6 +216,7 @@ class Engine:
         cache = DynamicCache(config=self.host.config)
         logits = self.host.forward(ids, [request.adapter], kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
         self.stats.prefills += 1
+        self.stats.prompt_tokens += len(request.prompt_ids)
         params = request.params
         row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
                    limit=min(params.max_tokens, self.max_context - len(request.prompt_ids)))
@@ -276,6 +289,7 @@ class Engine:
         """Take one sampled token; emit text; True when the row is finished."""
         row.generated += 1
         row.last_token = token
+        self.stats.generated_tokens += 1
         params = row.request.params
         finish = None
         if token in self.eos_ids and not params.ignore_eos:
