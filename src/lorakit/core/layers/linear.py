@@ -85,8 +85,9 @@ class LoraLinear(LoraLayer):
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
         """One adapter per row; on CUDA with triton (serving, no autograd) as Punica-style SGMV kernels."""
         # x.is_cuda first: the environment lookups of enabled_for cost more than a decode step's LoRA math
-        if (not torch.is_grad_enabled() and not self.fan_in_fan_out and (x.is_cuda or kernels.interpreting())
-                and kernels.enabled_for(x, result)):
+        # (the SGMV kernels read module adapters only: pool-served adapters take the pool's gather)
+        if (not torch.is_grad_enabled() and not self.fan_in_fan_out and not routing.pooled
+                and (x.is_cuda or kernels.interpreting()) and kernels.enabled_for(x, result)):
             from lorakit.kernels.serving import sgmv_mixed_forward
 
             out = sgmv_mixed_forward(self, x, result, routing)
