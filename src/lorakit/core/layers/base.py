@@ -278,8 +278,8 @@ class LoraLayer(Routed, nn.Module):
             return pool.forward(x, result, routing, row_slot)
         if present:
             result = self._concat_forward(x, result, routing, present, adapters)
-        pool = self.factor_pool
-        if routing.pooled and pool is not None:  # served (pool-only) adapters: their rows alone
+        if routing.pooled and self.factor_pool is not None:  # served (pool-only) adapters: their rows alone
+            pool = self.ensure_factor_pool(x)  # follows the model if it moved to another device
             pool.reserve(routing.max_slot)
             result = pool.forward(x, result, routing, routing.pooled_row_slot)
         return result
