@@ -163,13 +163,26 @@ def test_admin_load_of_mistyped_config_is_400_and_changes_nothing(dirs, root, ch
 
 
 def test_promise_loads_only_under_adapter_root_even_after_a_symlink_swap(dirs, root, tmp_path):
+    """A folder swapped for a link to outside the root after registration is never read: the server
+    serves the copy it validated at registration, and once that copy is dropped (memory budget 0)
+    the re-read goes through the root check again and is refused."""
     outside = tmp_path / "outside"
     shutil.copytree(dirs["c"], outside)
-    with TestClient(make_app(dirs, root, "--max-adapters", "1"), headers=KEY) as client:
-        r = client.post("/v1/adapters", json={"name": "s", "path": "b", "load": False}, headers=KEY)
-        assert r.status_code == 200
-        shutil.rmtree(root / "b")
-        (root / "b").symlink_to(outside, target_is_directory=True)  # swapped after registration
+    shutil.copytree(root / "b", root / "b2")
+    with TestClient(make_app(dirs, root, "--max-adapters", "1", "--max-adapter-memory", "0"),
+                    headers=KEY) as client:
+        for name, path in (("s", "b"), ("s2", "b2")):
+            r = client.post("/v1/adapters", json={"name": name, "path": path, "load": False}, headers=KEY)
+            assert r.status_code == 200
+        same = client.post("/v1/completions", json={**GREEDY, "model": "s2"})
+        assert same.status_code == 200
+        for folder in ("b", "b2"):
+            shutil.rmtree(root / folder)
+            (root / folder).symlink_to(outside, target_is_directory=True)  # swapped after registration
+        # s2's validated copy is still in host memory: served as registered, the link never opened
+        kept = client.post("/v1/completions", json={**GREEDY, "model": "s2"})
+        assert kept.status_code == 200 and kept.json()["choices"] == same.json()["choices"]
+        # s's copy was dropped (budget 0): reading it again finds the link and refuses it
         r = client.post("/v1/completions", json={**GREEDY, "model": "s"})
         assert_openai_error(r, 403)
         assert r.json()["error"]["code"] == "path_outside_root"

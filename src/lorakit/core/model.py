@@ -21,9 +21,10 @@ import torch.nn as nn
 
 from lorakit.core import arithmetic
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers import LoraLayer, RowRouting, wrap_module
+from lorakit.core.layers import LoraLayer, wrap_module
 from lorakit.core.layers.param import LoraParameter
 from lorakit.core.modules_to_save import TrainableCopies
+from lorakit.core.routing import RouteHolder, RowRouting, SlotTable
 from lorakit.core.state_dict import get_adapter_state_dict, load_adapter_state_dict
 from lorakit.core.targeting import (
     SEQ_CLS_HEAD_NAMES,
@@ -76,6 +77,9 @@ class LoraModel(nn.Module):
         self.active_adapters: list[str] = []
         self._disabled = False
         self._base_numel: int | None = None  # the base's size, for the adapter-size bound (counted once)
+        self._route = RouteHolder()  # shared by every wrapper: routing a forward is one assignment
+        self._slots = SlotTable()  # adapter -> row slot in the layers' factor pools (core/routing.py)
+        self._served: dict = {}  # name -> ServedAdapter: pool-only adapters (core/pooled.py)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -120,6 +124,7 @@ class LoraModel(nn.Module):
             self._base_numel = sum(t.numel() for t in _base_tensors(self.model))
         check_adapter_size(self._base_numel, self._target_shapes(modules, params, config))  # before any allocation
         self.peft_config[adapter_name] = config
+        self._slots.assign(adapter_name)
         try:
             for path in modules:
                 self._add_to_module(path, adapter_name, config)
@@ -165,6 +170,7 @@ class LoraModel(nn.Module):
         for module in self._wrappers():
             module.active_adapters = list(self.active_adapters)
             module.disabled = self._disabled
+            module.share_route(self._route)
 
     def _add_to_module(self, path: str, name: str, config: LoraConfig) -> None:
         layer = self.model.get_submodule(path)
@@ -220,6 +226,7 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
         self._unwrap_empty()
         del self.peft_config[adapter_name]
+        self._slots.release(adapter_name)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -229,7 +236,8 @@ class LoraModel(nn.Module):
         while changed:  # nested parameter wrappers unwrap one level per pass
             changed = False
             for path, module in list(named_wrappers(self.model)):
-                empty_lora = isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
+                empty_lora = (isinstance(module, LoraLayer) and not module.adapters and not module.merged_adapters
+                              and not (module.factor_pool is not None and module.factor_pool.owner))
                 empty_copies = isinstance(module, TrainableCopies) and not module.copies
                 empty_tokens = isinstance(module, TrainableTokens) and not module.adapter_names
                 if empty_lora or empty_copies or empty_tokens:
@@ -426,6 +434,8 @@ class LoraModel(nn.Module):
             elif isinstance(module, TrainableCopies):
                 self._replace(path, module.active_copy() if _merged else module.original)
         self.peft_config.clear()
+        self._served.clear()
+        self._slots.clear()
         return self.model
 
     # ------------------------------------------------------------------ forward
@@ -434,18 +444,16 @@ class LoraModel(nn.Module):
         if adapter_names is None:
             yield
             return
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.peft_config})
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self._slots.slots})
         if unknown:
-            raise AdapterError(f"adapter_names has unknown adapters {unknown}; adapters: {sorted(self.peft_config)}")
-        routing = RowRouting(adapter_names)
-        wrappers = list(self._wrappers())
-        for module in wrappers:
-            module.routing = routing
+            raise AdapterError(f"adapter_names has unknown adapters {unknown}; adapters: "
+                               f"{sorted(self._slots.slots)}")
+        # one shared holder read by every wrapper: O(1) per forward, not a walk over the wrappers
+        self._route.current = RowRouting(adapter_names, self._slots.slots, self._served)
         try:
             yield
         finally:
-            for module in wrappers:
-                module.routing = None
+            self._route.current = None
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         with self._routing(adapter_names):

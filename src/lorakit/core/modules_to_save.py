@@ -11,8 +11,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from lorakit.core.routing import Routed
 
-class TrainableCopies(nn.Module):
+
+class TrainableCopies(Routed, nn.Module):
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original = original

@@ -17,12 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorakit.core.layers import LoraLayer
+from lorakit.core.routing import Routed
 from lorakit.errors import AdapterError, ConfigError
 
 SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(Routed, nn.Module):
     """Wraps an nn.Embedding (or, tied to one, its output Linear) with per-adapter replacement rows."""
 
     def __init__(self, base: nn.Module, tied_to: TrainableTokens | None = None):

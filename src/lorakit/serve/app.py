@@ -227,11 +227,13 @@ def create_app(engine: Engine, registry: AdapterRegistry, tokenizer, settings: S
     async def stats(request: Request):
         check_key(request, settings)
         return {"engine": asdict(engine.stats), "loaded_adapters": len(registry.loaded),
-                "adapter_loads": registry.loads}
+                "adapter_loads": registry.loads, "adapters": registry.timing_summary()}
 
     from lorakit.serve.admin import add_admin_routes
+    from lorakit.serve.ops import add_ops
 
     add_admin_routes(app, engine, registry, settings)
+    add_ops(app, engine, registry, settings)  # /metrics, access log, drain on SIGTERM
     return app
 
 

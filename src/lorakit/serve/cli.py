@@ -34,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                    help="bearer key for every endpoint (default: $LORAKIT_API_KEY; admin endpoints are off "
                         "without one)")
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters in memory at once; LRU evicted beyond")
+    p.add_argument("--max-adapters", type=int, default=8,
+                   help="adapters resident at once (usable in a batch); least recently used evicted beyond")
+    p.add_argument("--max-adapter-memory", default="4GiB",
+                   help="host memory for registered adapters' factors (e.g. 512MiB, 4GiB; default 4GiB): each "
+                        "folder is read once at registration and kept here, so making it resident again is a "
+                        "copy; beyond the budget the least recently used are dropped and re-read when needed")
     p.add_argument("--adapter-root", help="POST /v1/adapters may load only folders under this one")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before a 408")
@@ -47,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--access-log", default="stderr", metavar="stderr|off|FILE",
+                   help="one JSON line per request (no prompt text): to stderr (default), a file, or off")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds running requests get to finish while new ones get 503 (default 30)")
     p.set_defaults(func=_run)
 
 
@@ -78,6 +87,7 @@ def build_app(args: argparse.Namespace):
     from lorakit.serve.engine import Engine, load_base_model
     from lorakit.serve.http import ServeSettings
     from lorakit.serve.registry import AdapterRegistry
+    from lorakit.serve.store import parse_bytes
 
     if getattr(args, "threads", None):  # the CLI chose it (lorakit.threads); tests may pass their own
         torch.set_num_threads(args.threads)
@@ -91,7 +101,8 @@ def build_app(args: argparse.Namespace):
         raise ValueError(f"adapter name {base_name!r} is the base model's name; rename one")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = LoraModel(load_base_model(base_dir, args.dtype))  # no adapters yet: the registry loads them
-    registry = AdapterRegistry(model, base_name, max_loaded=args.max_adapters, root=args.adapter_root)
+    registry = AdapterRegistry(model, base_name, max_loaded=args.max_adapters, root=args.adapter_root,
+                               max_memory=parse_bytes(getattr(args, "max_adapter_memory", "4GiB")))
     for i, (name, folder) in enumerate(adapters.items()):
         registry.add(name, folder, load=i < args.max_adapters)  # the rest load on first use
     engine = Engine(model, registry, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
@@ -117,11 +128,31 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     import uvicorn
 
-    from lorakit.serve.transport import protocol_class
+    from lorakit.serve.transport import DrainingServer, protocol_class
 
+    _access_log(args.access_log)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 (models: GET /v1/models)", flush=True)
     # our h11 protocol: slow headers time out, malformed HTTP gets an OpenAI error object
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                http=protocol_class(args.body_timeout), timeout_keep_alive=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            http=protocol_class(args.body_timeout), timeout_keep_alive=5,
+                            timeout_graceful_shutdown=2)
+    server = DrainingServer(config, app.state.drain, args.drain_timeout)
+    server.run()
+    if server.drained is not None:
+        print(f"lorakit serve: drained ({'all requests finished' if server.drained else 'timed out'}), "
+              "stopped", file=sys.stderr)
     return 0
+
+
+def _access_log(target: str) -> None:
+    """Route the `lorakit.access` JSON lines (bare, one per line) to stderr, a file, or nowhere."""
+    access = logging.getLogger("lorakit.access")
+    access.propagate = False
+    if target == "off":
+        access.setLevel(logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr) if target == "stderr" else logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
 

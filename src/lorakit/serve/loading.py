@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from lorakit.core import pooled
 from lorakit.core.layers import LoraParameter
 from lorakit.core.model import LoraModel
 from lorakit.errors import AdapterLoadError
@@ -44,9 +45,28 @@ def load_served_adapter(model: LoraModel, name: str, folder: str | os.PathLike,
     logger.info("loaded adapter %s from %s", name, folder)
 
 
+def prepare_served_adapter(model: LoraModel, name: str, folder: str | os.PathLike,
+                           root: str | os.PathLike | None = None) -> pooled.ServedAdapter | None:
+    """Read and validate `folder` once, through :func:`load_served_adapter` (every check of the module path).
+
+    Plain LoRA on Linear layers comes back as factors for the layers' pools (:func:`lorakit.core.pooled.install`
+    makes it resident) and the module copy is dropped again; anything else (variants, modules_to_save, ...) stays
+    loaded as a module under `name` and None is returned.
+    """
+    load_served_adapter(model, name, folder, root=root)
+    if not pooled.servable(model, name):
+        return None
+    served = pooled.extract_served(model, name)
+    model.delete_adapter(name)
+    return served
+
+
 def unload_served_adapter(model: LoraModel, name: str) -> None:
-    """Delete `name` if it is loaded (an unknown name is not an error: eviction may race a delete)."""
-    if name in model.peft_config:
+    """Evict `name`: a pooled adapter gives its slot back, a module adapter is deleted (an unknown name is not
+    an error: eviction may race a delete)."""
+    if name in model._served:
+        pooled.uninstall(model, model._served[name])
+    elif name in model.peft_config:
         model.delete_adapter(name)
         logger.info("unloaded adapter %s", name)
 

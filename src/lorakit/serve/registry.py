@@ -1,8 +1,13 @@
 """Which adapters the server knows, which are in memory, and which to evict.
 
-Known adapters are ``name -> folder``. At most ``max_loaded`` are in memory; when another is
-needed the least recently used one that no running request is using is unloaded (and reloaded
-from its folder on a later request, transparently). A request may also ask for a weighted
+Known adapters are ``name -> folder``. Registering one reads and validates its folder once
+(through the model's ordinary load path); plain LoRA adapters then keep their factors in host
+memory (:class:`~lorakit.serve.store.AdapterStore`, byte budget ``--max-adapter-memory``). At most
+``max_loaded`` are *resident* (usable by a forward pass); when another is needed the least recently
+used one that no running request is using is evicted. For plain LoRA, residency is a slot in the
+layers' factor pools (:mod:`lorakit.core.pooled`): a few tensor copies, no disk read, no module
+built, so it never holds up a decode step for long; variants (DoRA, ...) and adapters with
+modules_to_save / trainable tokens are loaded as modules from their folder instead. A request may also ask for a weighted
 mixture, ``model: "mix:a=0.7,b=0.3"``: it is built once, exactly (rank Σ rᵢ, see
 :meth:`LoraModel.add_weighted_adapter`), under an internal name, and cached like an adapter.
 
@@ -17,15 +22,18 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.core import pooled
 from lorakit.core.model import LoraModel
 from lorakit.errors import LorakitError
 from lorakit.io.rooted import OutsideRootError
 from lorakit.serve.errors import BadRequest, Conflict, ModelNotFound, NotFound, PermissionDenied
-from lorakit.serve.loading import load_served_adapter, unload_served_adapter
+from lorakit.serve.loading import prepare_served_adapter, unload_served_adapter
+from lorakit.serve.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +88,8 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 
 class AdapterRegistry:
-    def __init__(self, model: LoraModel, base_name: str, max_loaded: int = 8, root: str | Path | None = None):
+    def __init__(self, model: LoraModel, base_name: str, max_loaded: int = 8, root: str | Path | None = None,
+                 max_memory: int | None = None):
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be ≥ 1, got {max_loaded}")
         self.model = model  # the served LoraModel, shared with the engine
@@ -93,7 +102,13 @@ class AdapterRegistry:
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU order: oldest first (worker thread)
         self._stale: set[str] = set()  # deleted while in use: unloaded once no row uses them
         self._rooted: set[str] = set()  # loaded at runtime: every (re)load reads only under root
-        self.loads = 0  # adapter loads from disk so far (tests and metrics)
+        self.store = AdapterStore(max_memory)  # host copies of plain-LoRA factors
+        self._module_kind: set[str] = set()  # adapters served as modules (variants, ...), not from the pool
+        self.loads = 0  # adapters made resident so far (tests and metrics)
+        self.evictions = 0  # residents evicted to make room (metrics)
+        self.reads = 0  # adapter folders read and validated (registration, or after the store dropped a copy)
+        self.read_seconds: list[float] = []  # per read, in order (load time vs count; first 10,000 kept)
+        self.install_seconds: list[float] = []  # per pooled residency (the last 10,000 kept)
 
     # ------------------------------------------------------------------ any thread
     def names(self) -> list[tuple[str, Path, bool]]:
@@ -174,14 +189,21 @@ class AdapterRegistry:
         if name in self._stale:  # deleted earlier, still in memory: drop the old weights first
             self._unload(name)
             self._stale.discard(name)
-        if not load:
-            return False
         try:
+            self._read(name, pinned | {name})  # read and validate once, now
+            if not load:
+                if name in self._loaded:  # a module-kind adapter: registered, not resident yet
+                    self._unload(name)
+                return False
             return self.ensure_loaded(name, pinned)
         except BaseException:
             with self._lock:
                 self._known.pop(name, None)
                 self._rooted.discard(name)
+            self.store.discard(name)
+            self._module_kind.discard(name)
+            if name in self._loaded:
+                self._unload(name)
             raise
 
     def remove(self, name: str, pinned: frozenset[str]) -> None:
@@ -191,6 +213,8 @@ class AdapterRegistry:
                 raise NotFound(f"no adapter named {name!r}", param="name", code="adapter_not_found")
             del self._known[name]
             self._rooted.discard(name)
+            self.store.discard(name)
+            self._module_kind.discard(name)
             dropped = [k for k, m in self._mixtures.items() if name in m.components]
             for key in dropped:
                 del self._mixtures[key]
@@ -219,6 +243,25 @@ class AdapterRegistry:
         with self._lock:
             path, mixture = self._known.get(key), self._mixtures.get(key)
         if mixture is not None:
+            self._build_mixture(key, mixture, protected)
+        elif path is not None:
+            self._load_file(key, protected)
+        else:
+            raise ModelNotFound(f"adapter {key!r} was deleted", param="model")
+        self._evict(protected)
+        return True
+
+    def _build_mixture(self, key: str, mixture: Mixture, protected: set[str]) -> None:
+        module_parts = [c for c in mixture.components if c in self._module_kind]
+        if not module_parts:  # all plain LoRA: one pooled adapter of rank Σ rᵢ, built from the host copies
+            self._evict(protected, room_for=1)
+            parts = [self._served_copy(c, protected) for c in mixture.components]
+            pooled.install(self.model, pooled.mixture(key, parts, mixture.weights))
+        elif len(module_parts) < len(mixture.components):
+            raise BadRequest(f"mixture {mixture.components} mixes plain LoRA adapters with {module_parts} "
+                             "(variants or adapters with extra modules); mix adapters of one kind",
+                             param="model", code="invalid_mixture")
+        else:
             for component in mixture.components:  # may overflow the cap briefly; trimmed below
                 self._load_file(component, protected | set(mixture.components))
             try:
@@ -227,34 +270,70 @@ class AdapterRegistry:
             except (LorakitError, ValueError) as exc:
                 raise BadRequest(f"can't build mixture {mixture.components}: {exc}", param="model",
                                  code="invalid_mixture") from None
-            with self._lock:
-                self._loaded[key] = None
-        elif path is not None:
-            self._load_file(key, protected)
-        else:
-            raise ModelNotFound(f"adapter {key!r} was deleted", param="model")
-        self._evict(protected)
-        return True
+        with self._lock:
+            self._loaded[key] = None
 
     def _load_file(self, name: str, protected: set[str]) -> None:
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return
+            if name not in self._known:
+                raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
+        self._evict(protected, room_for=1)
+        if name in self._module_kind:
+            self._read(name, protected)  # a module: loaded from its folder, every check again
+            return
+        served = self.store.get(name)
+        if served is None:  # dropped to stay within --max-adapter-memory: read the folder again
+            served = self._read(name, protected)
+            if served is None:  # the folder now holds a variant: it was loaded as a module
+                return
+        start = time.perf_counter()
+        pooled.install(self.model, served)
+        self.install_seconds.append(time.perf_counter() - start)
+        del self.install_seconds[:-10_000]
+        self.loads += 1
+        with self._lock:
+            self._loaded[name] = None
+
+    def _served_copy(self, name: str, protected: set[str]) -> pooled.ServedAdapter:
+        served = self.store.get(name)
+        if served is None:
+            served = self._read(name, protected)
+        if served is None:
+            raise BadRequest(f"adapter {name!r} can't be part of a pooled mixture", param="model",
+                             code="invalid_mixture")
+        return served
+
+    def _read(self, name: str, protected: set[str]) -> pooled.ServedAdapter | None:
+        """Read and validate `name`'s folder. Plain LoRA: its factors (kept in the store); anything
+        else is loaded as a module now (and counts as resident)."""
+        with self._lock:
             path = self._known.get(name)
             root = self.root if name in self._rooted else None
         if path is None:
             raise ModelNotFound(f"adapter {name!r} was deleted", param="model")
-        self._evict(protected, room_for=1)
+        start = time.perf_counter()
         try:
-            load_served_adapter(self.model, name, path, root=root)
+            served = prepare_served_adapter(self.model, name, path, root=root)
         except OutsideRootError as exc:
             raise PermissionDenied(f"adapter {name!r}: {exc}", param="path", code="path_outside_root") from None
         except (LorakitError, OSError, ValueError, KeyError, TypeError) as exc:
             raise BadRequest(f"adapter {name!r} failed to load from {path}: {exc}", code="adapter_load_failed") from None
+        self.reads += 1
+        if len(self.read_seconds) < 10_000:
+            self.read_seconds.append(time.perf_counter() - start)
+        if served is not None:
+            self._module_kind.discard(name)
+            self.store.put(served, keep=set(self._loaded) | protected)
+            return served
+        self._module_kind.add(name)
         self.loads += 1
         with self._lock:
             self._loaded[name] = None
+        self._evict(protected | {name})
+        return None
 
     def _evict(self, protected: set[str] | frozenset[str], room_for: int = 0) -> None:
         """Unload least recently used adapters outside `protected` until within the cap."""
@@ -263,11 +342,25 @@ class AdapterRegistry:
             if victim is None:
                 return
             self._unload(victim)
+            self.evictions += 1
 
     def _unload(self, key: str) -> None:
         unload_served_adapter(self.model, key)
         with self._lock:
             self._loaded.pop(key, None)
+
+    def timing_summary(self) -> dict:
+        """Registration (read + validate) time vs count, and residency time, in ms (GET /v1/stats)."""
+        reads, installs = self.read_seconds, self.install_seconds
+
+        def ms(values: list[float]) -> float | None:
+            return round(1e3 * sum(values) / len(values), 3) if values else None
+
+        return {"reads": self.reads, "read_ms_first_10": ms(reads[:10]), "read_ms_last_10": ms(reads[-10:]),
+                "read_ms_by_hundred": [ms(reads[i:i + 100]) for i in range(0, len(reads), 100)],
+                "install_ms_mean": ms(installs), "install_ms_max": round(1e3 * max(installs), 3) if installs else None,
+                "installs": self.loads, "evictions": self.evictions, "host_copies": len(self.store),
+                "host_copy_bytes": self.store.nbytes, "host_copies_dropped": self.store.dropped}
 
     @property
     def loaded(self) -> list[str]:

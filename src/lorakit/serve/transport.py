@@ -7,14 +7,18 @@ and every error is an OpenAI error object:
   (:func:`lorakit.serve.http.read_json`);
 * malformed HTTP gets a JSON ``{"error": {...}}`` 400 instead of uvicorn's plain text.
 
-Passed to ``uvicorn.run(http=...)`` by ``lorakit serve``.
+Passed to uvicorn (``http=...``) by ``lorakit serve``, which runs :class:`DrainingServer`: SIGTERM
+drains (new requests 503, running ones finish within a timeout) before uvicorn's own shutdown.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -84,3 +88,30 @@ def protocol_class(header_timeout: float) -> type[H11Protocol]:
             self.transport.close()
 
     return OpenAIH11Protocol
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose first SIGTERM drains instead of closing the listener at once.
+
+    Draining: :class:`lorakit.serve.ops.Drain` makes the app answer new requests (``/health``
+    included, so a load balancer stops sending) with 503 while requests in flight finish; once
+    none is left, or after `drain_timeout` seconds, uvicorn's normal shutdown runs (the engine
+    stops, what is still queued gets a "shutting down" error). A second signal, or SIGINT, stops
+    at once as before. The process then exits with status 0 rather than re-raising the signal.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain, drain_timeout: float):
+        super().__init__(config)
+        self.drain, self.drain_timeout = drain, drain_timeout
+        self.drained: bool | None = None  # True: every request finished; False: the timeout hit
+
+    def handle_exit(self, sig, frame) -> None:
+        if sig == signal.SIGTERM and not self.drain.draining and not self.should_exit:
+            self.drain.start()  # not recorded as captured: uvicorn won't re-raise it, the exit status is 0
+            threading.Thread(target=self._finish_drain, name="lorakit-drain", daemon=True).start()
+            return
+        super().handle_exit(sig, frame)
+
+    def _finish_drain(self) -> None:
+        self.drained = self.drain.wait_idle(self.drain_timeout)
+        self.should_exit = True  # uvicorn's main loop looks at this every tick

@@ -11,9 +11,11 @@ Subclasses describe their geometry with three small methods:
 * ``project_b(u, B)``: ``u`` through B, giving a tensor shaped like the base output;
 * ``delta_from(A, B)``: the dense weight delta in the base weight's layout.
 
-The mixed-batch path (one adapter per row) reuses them with the active adapters' factors
-concatenated along the rank axis and a 0/1 mask per row, so a batch that mixes k adapters costs
-two matmuls of rank Σr — never a Python loop over rows.
+The mixed-batch path (one adapter per row) never loops over rows. Without autograd (serving,
+evaluation) layers that can (``row_gather``: Linear-like) gather each row's own factors from a
+stacked per-layer pool by slot (:mod:`lorakit.core.routing`), so a batch over k adapters costs two
+rank-r products per row whatever k is. With autograd (or dropout, or other geometries) the factors
+are concatenated along the rank axis and masked per row: two matmuls of rank Σr.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from lorakit.core.routing import FactorPool, Routed, RowRouting
 from lorakit.errors import AdapterError
 
 
@@ -81,11 +84,13 @@ class LoraAdapter(nn.Module):
         layer.add_to_base_weight(-self.delta(layer))
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(Routed, nn.Module):
     """A base module wrapped with any number of named LoRA adapters."""
 
     # PEFT's tensor-name suffixes for lora_a / lora_b (without the module path)
     peft_keys: dict[str, str] = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+    # project_a/project_b are plain x·Aᵀ / u·Bᵀ on the last axis: the routed forward may gather per row
+    row_gather = False
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -184,6 +189,9 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
         del self.adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        pool = self.factor_pool
+        if pool is not None:
+            pool.clear(name)
 
     # ------------------------------------------------------------------ delta, merge
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -232,8 +240,23 @@ class LoraLayer(nn.Module):
             result = self.adapters[name].output(self, x, result)
         return result.to(dtype)
 
+    @property
+    def factor_pool(self) -> FactorPool | None:
+        """This layer's stacked factors by slot (None until a routed forward or a served adapter needs it)."""
+        return self.__dict__.get("_factor_pool")
+
+    def ensure_factor_pool(self, like: torch.Tensor) -> FactorPool:
+        """The factor pool, created on `like`'s device and dtype, or moved there if the model moved."""
+        pool = self.factor_pool
+        if pool is None:
+            pool = FactorPool(self.in_features, self.out_features, like.device, like.dtype)
+            self.__dict__["_factor_pool"] = pool  # not a buffer: never saved, moved or counted
+        elif pool.device != like.device:
+            pool.a, pool.bt, pool.scale = (t.to(like.device) for t in (pool.a, pool.bt, pool.scale))
+        return pool
+
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
-        """One adapter per row: factors concatenated on the rank axis, masked per row."""
+        """One adapter per row: gathered per row from the factor pool, or concatenated and masked."""
         present = [(g, n) for g, n in enumerate(routing.names) if n in self.adapters]
         custom = [(g, n) for g, n in present if self.adapters[n].custom_math]
         present = [(g, n) for g, n in present if not self.adapters[n].custom_math]
@@ -242,9 +265,43 @@ class LoraLayer(nn.Module):
             for g, name in custom:
                 rows = (routing.row_index == g).nonzero().squeeze(1).to(x.device)
                 result[rows] = self.adapters[name].output(self, x[rows], result[rows]).to(result.dtype)
-        if not present:
-            return result
         adapters = [self.adapters[n] for _, n in present]
+        if self._can_gather(adapters, result):
+            pool = self.ensure_factor_pool(adapters[0].lora_a if adapters else result)
+            for (_, name), adapter in zip(present, adapters):
+                pool.sync(routing.slots[name], name, adapter)
+            pool.reserve(routing.max_slot)
+            row_slot = routing.row_slot
+            if custom:  # their rows were handled above: route them to the zero slot here
+                row_slot = torch.where(torch.isin(routing.row_index, torch.tensor([g for g, _ in custom])),
+                                       0, row_slot)
+            return pool.forward(x, result, routing, row_slot)
+        if present:
+            result = self._concat_forward(x, result, routing, present, adapters)
+        if routing.pooled and self.factor_pool is not None:  # served (pool-only) adapters: their rows alone
+            pool = self.ensure_factor_pool(x)  # follows the model if it moved to another device
+            pool.reserve(routing.max_slot)
+            result = pool.forward(x, result, routing, routing.pooled_row_slot)
+        return result
+
+    def _can_gather(self, adapters: list[LoraAdapter], result: torch.Tensor) -> bool:
+        """Gather per row when no gradient must flow into the factors and dropout is off."""
+        if not self.row_gather:
+            return False
+        if not adapters:
+            return self.factor_pool is not None
+        if torch.is_grad_enabled() and any(ad.lora_a.requires_grad or ad.lora_b.requires_grad for ad in adapters):
+            return False
+        if self.training and not all(isinstance(ad.dropout, nn.Identity) for ad in adapters):
+            return False
+        dtype = adapters[0].lora_a.dtype
+        pool = self.factor_pool
+        return all(ad.lora_a.dtype == dtype and ad.lora_a.dim() == 2 for ad in adapters) and (
+            pool is None or pool.dtype == dtype)
+
+    def _concat_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting,
+                        present: list[tuple[int, str]], adapters: list[LoraAdapter]) -> torch.Tensor:
+        """Factors concatenated on the rank axis, masked per row (the autograd-capable path)."""
         dtype = adapters[0].lora_a.dtype
         x = self.cast_input(x, dtype)
         a_cat, b_cat = self._concat_factors(present, adapters)  # (K, in, ...), (out, K, ...), K = Σ r
@@ -296,24 +353,3 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}, disabled={self.disabled}"
 
-
-class RowRouting:
-    """Which adapter each batch row uses: ``names[row_index[i]]``, row_index -1 for the base."""
-
-    def __init__(self, row_adapters: Sequence[str | None]):
-        self.names = sorted({n for n in row_adapters if n is not None})
-        lookup = {n: i for i, n in enumerate(self.names)}
-        self.row_index = torch.tensor([lookup[n] if n is not None else -1 for n in row_adapters], dtype=torch.long)
-        self._masks: dict = {}
-
-    def mask(self, owners: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(N, K) 0/1: row i keeps rank column j when column j belongs to row i's adapter.
-
-        `owners` lists (adapter index, rank) in concatenation order; layers with the same adapter
-        set share one mask per forward.
-        """
-        key = (tuple(owners), device, dtype)
-        if key not in self._masks:
-            col_owner = torch.cat([torch.full((rank,), g, dtype=torch.long) for g, rank in owners])  # (K,)
-            self._masks[key] = (self.row_index[:, None] == col_owner[None, :]).to(device=device, dtype=dtype)
-        return self._masks[key]

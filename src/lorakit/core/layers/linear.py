@@ -28,6 +28,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 class LoraLinear(LoraLayer):
+    row_gather = True  # x·Aᵀ then u·Bᵀ on the last axis: mixed batches gather per row
+
     def __init__(self, base: nn.Module, fan_in_fan_out: bool | None = None):
         super().__init__(base)
         # Conv1D stores its weight as (in, out)
@@ -82,7 +84,10 @@ class LoraLinear(LoraLayer):
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing) -> torch.Tensor:
         """One adapter per row; on CUDA with triton (serving, no autograd) as Punica-style SGMV kernels."""
-        if not torch.is_grad_enabled() and not self.fan_in_fan_out and kernels.enabled_for(x, result):
+        # x.is_cuda first: the environment lookups of enabled_for cost more than a decode step's LoRA math
+        # (the SGMV kernels read module adapters only: pool-served adapters take the pool's gather)
+        if (not torch.is_grad_enabled() and not self.fan_in_fan_out and not routing.pooled
+                and (x.is_cuda or kernels.interpreting()) and kernels.enabled_for(x, result)):
             from lorakit.kernels.serving import sgmv_mixed_forward
 
             out = sgmv_mixed_forward(self, x, result, routing)

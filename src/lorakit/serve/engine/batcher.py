@@ -106,6 +106,8 @@ class EngineStats:
     max_rows: int = 0  # largest batch a decode step ran
     max_adapters: int = 0  # most distinct adapters (incl. base) in one decode step
     failures: int = 0
+    prompt_tokens: int = 0  # tokens prefilled
+    generated_tokens: int = 0  # tokens sampled (first tokens from prefills included)
 
 
 class Engine:
@@ -160,6 +162,16 @@ class Engine:
             self._commands.append((fn, future))
             self._cv.notify()
         return future
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch row (metrics)."""
+        return len(self._pending)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the running batch (metrics)."""
+        return len(self._rows)
 
     def pinned(self) -> frozenset[str]:
         """Adapters the running rows use (worker thread): they must stay in memory."""
@@ -225,6 +237,7 @@ class Engine:
         all_logits = forward(self.model, ids, [request.adapter], kv_cache=cache, last_only=not scored)[0]  # (L|1, V)
         logits = all_logits[-1:].float()  # (1, V)
         self.stats.prefills += 1
+        self.stats.prompt_tokens += len(request.prompt_ids)
         row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
                    limit=min(params.max_tokens, self.max_context - len(request.prompt_ids)))
         if not bool(torch.isfinite(all_logits).all()):
@@ -314,6 +327,7 @@ class Engine:
         row.last_token = token
         if score is not None:
             row.logprobs.append(score)
+        self.stats.generated_tokens += 1
         params = row.request.params
         finish = None
         if token in self.eos_ids and not params.ignore_eos:

@@ -1,0 +1,283 @@
+"""Per-row adapter routing for mixed batches, and the stacked factors the routed forward gathers from.
+
+A mixed batch (``model(ids, adapter_names=[...])``) gives every row its own adapter. Three pieces
+make that cost what the rank arithmetic costs, whatever the number of adapters in memory:
+
+* :class:`RouteHolder`: one object shared by every wrapper of a model. A forward sets
+  ``holder.current`` once (O(1)), instead of walking every wrapper to set an attribute on each
+  (210 wrappers on SmolLM2, every decode step).
+* :class:`SlotTable`: each adapter of a model gets a small integer *slot*, the same on every layer
+  (slot 0 is "no adapter": the base). :class:`RowRouting` turns the row names into one (N,) slot
+  index per forward, computed once and read by every layer.
+* :class:`FactorPool`: one per layer, the factors of every adapter with a slot there, stacked:
+  ``a`` (S, r_max, in), ``bt`` (S, r_max, out) (Bᵀ), ``scale`` (S,), lower ranks zero-padded and
+  slot 0 all zeros. The routed forward gathers factors by slot, never touching the other resident
+  adapters: either each row's own A and B (Punica's SGMV idea on plain PyTorch, ``bmm`` row by
+  row: two rank-r products per row however many adapters the batch mixes), or — cheaper when few
+  adapters share many rows, e.g. 4 adapters over a 16-row decode step — the k distinct adapters'
+  factors side by side (rank k·r) with each row masked to its own block. A cost model picks one
+  per layer call (:data:`GATHER_COST`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import torch
+
+# What gathering one factor element costs, in units of one multiply-add of the LoRA product (CPU,
+# fp32; read off benchmarks/bench_mixed.py: copying a factor is several times dearer per element
+# than a multiply-add inside a GEMM). Per-row gathering costs ~N·(GATHER_COST + T) per layer, the
+# distinct-adapter blocks ~k·(GATHER_COST + N·T): for decode steps (T = 1) over few adapters the
+# blocks win, for prefills and for batches over many adapters the rows do.
+GATHER_COST = 4.0
+
+
+class RouteHolder:
+    """The routing of the forward pass in progress (None outside one), shared by all wrappers."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: RowRouting | None = None
+
+
+class Routed:
+    """Mixin for wrappers: ``self.routing`` reads (and writes) a :class:`RouteHolder`.
+
+    A lone wrapper has its own holder; :class:`~lorakit.core.model.LoraModel` gives all of its
+    wrappers one shared holder (:meth:`share_route`), so routing a forward is one assignment.
+    """
+
+    @property
+    def routing(self) -> RowRouting | None:
+        holder = self.__dict__.get("_route")
+        return None if holder is None else holder.current
+
+    @routing.setter
+    def routing(self, value: RowRouting | None) -> None:
+        holder = self.__dict__.get("_route")
+        if holder is None:
+            holder = self.__dict__["_route"] = RouteHolder()
+        holder.current = value
+
+    def share_route(self, holder: RouteHolder) -> None:
+        self.__dict__["_route"] = holder  # plain attribute: never saved, moved or counted by nn.Module
+
+
+class SlotTable:
+    """Adapter name -> slot (1, 2, ...), reused after release so the pools stay as small as the peak count."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self._free: list[int] = []
+
+    def assign(self, name: str) -> int:
+        if name not in self.slots:
+            self.slots[name] = self._free.pop() if self._free else len(self.slots) + 1
+        return self.slots[name]
+
+    def release(self, name: str) -> None:
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self._free.clear()
+
+
+class RowRouting:
+    """Which adapter each batch row uses: ``names[row_index[i]]`` (-1: the base), and its slot.
+
+    ``row_slot`` (N,) holds each row's slot (0 for the base); without a slot table slots follow
+    ``names`` (1, 2, ...). ``pooled`` names adapters that live only in the layers' factor pools
+    (served adapters, :mod:`lorakit.core.pooled`); ``pooled_row_slot`` keeps just their rows.
+    """
+
+    def __init__(self, row_adapters: Sequence[str | None], slots: Mapping[str, int] | None = None,
+                 pooled: Collection[str] = ()):
+        self.names = sorted({n for n in row_adapters if n is not None})
+        lookup = {n: i for i, n in enumerate(self.names)}
+        self.row_index = torch.tensor([lookup[n] if n is not None else -1 for n in row_adapters], dtype=torch.long)
+        if slots is None:
+            slots = {n: i + 1 for i, n in enumerate(self.names)}
+        self.slots = {n: slots[n] for n in self.names}
+        self.row_slot = torch.tensor([self.slots[n] if n is not None else 0 for n in row_adapters], dtype=torch.long)
+        self.max_slot = max(self.slots.values(), default=0)
+        self.pooled = frozenset(n for n in self.names if n in pooled)
+        self.pooled_row_slot = (torch.tensor([self.slots[n] if n in self.pooled else 0 for n in row_adapters],
+                                             dtype=torch.long) if self.pooled else None)
+        self._masks: dict = {}
+        self._on_device: dict = {}
+        self._groups: dict = {}
+        self._keys: dict = {}
+
+    def on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`index` moved to `device` once per forward (every layer shares the copy)."""
+        key = (id(index), device)
+        if key not in self._on_device:  # the source is kept in the entry, so its id can't be reused
+            self._on_device[key] = (index, index.to(device))
+        return self._on_device[key][1]
+
+    def key(self, row_slot: torch.Tensor) -> tuple:
+        """A row-slot index as a hashable value (the same batch in the next step gives the same key)."""
+        entry = self._keys.get(id(row_slot))
+        if entry is None:
+            entry = self._keys[id(row_slot)] = (row_slot, tuple(row_slot.tolist()))
+        return entry[1]
+
+    def groups(self, row_slot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distinct non-zero slots (k,), one-hot (N, k) bool) of a row-slot index, once per forward."""
+        key = (id(row_slot), device)
+        if key not in self._groups:
+            slots = torch.unique(row_slot[row_slot > 0])  # (k,) sorted
+            onehot = row_slot[:, None] == slots[None, :]  # (N, k)
+            self._groups[key] = (row_slot, slots.to(device), onehot.to(device))
+        return self._groups[key][1], self._groups[key][2]
+
+    def mask(self, owners: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(N, K) 0/1: row i keeps rank column j when column j belongs to row i's adapter.
+
+        `owners` lists (adapter index, rank) in concatenation order; layers with the same adapter
+        set share one mask per forward.
+        """
+        key = (tuple(owners), device, dtype)
+        if key not in self._masks:
+            col_owner = torch.cat([torch.full((rank,), g, dtype=torch.long) for g, rank in owners])  # (K,)
+            self._masks[key] = (self.row_index[:, None] == col_owner[None, :]).to(device=device, dtype=dtype)
+        return self._masks[key]
+
+
+class FactorPool:
+    """One layer's stacked factors by slot: a (S, r, in), b (S, out, r), scale (S,); slot 0 stays zero.
+
+    Written two ways: served adapters write their factors once when they become resident
+    (:mod:`lorakit.core.pooled`); a layer's own adapter modules are copied in lazily before a
+    routed forward and re-copied only when a factor changed (its version counter, storage or
+    scaling moved: ``stamps``). Not a buffer: never saved, moved or counted with the model.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype):
+        self.a = torch.zeros(2, 1, in_features, device=device, dtype=dtype)  # (S, r, in)
+        self.bt = torch.zeros(2, 1, out_features, device=device, dtype=dtype)  # (S, r, out): Bᵀ, so both
+        # a slot's block and k slots side by side are contiguous views
+        self.scale = torch.zeros(2, device=device, dtype=dtype)  # (S,)
+        self.owner: dict[int, str] = {}  # slot -> adapter name written there
+        self.slot_of: dict[str, int] = {}  # the reverse: clearing is O(1), not a scan over the slots
+        self.stamps: dict[str, tuple] = {}  # module adapter name -> what its copy was made from
+        self.version = 0  # moves on every change: the gathered operands below are cached against it
+        self._last: tuple | None = None  # (key, operands) of the last routed call: a decode step's
+        # batch repeats step after step, so its gathered factors are reused until rows or pool change
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    def reserve(self, slot: int) -> None:
+        """Room for slots up to `slot` (rows routed to a slot nobody wrote here read zeros)."""
+        self._fit(slot, 0)
+
+    def _fit(self, slot: int, rank: int) -> None:
+        cap, r_max = self.a.shape[0], self.a.shape[1]
+        if slot < cap and rank <= r_max:
+            return
+        new_cap = max(cap, 1 << slot.bit_length())  # a power of two above slot: amortised growth
+        new_r = max(r_max, rank)
+        a = self.a.new_zeros(new_cap, new_r, self.a.shape[2])
+        bt = self.bt.new_zeros(new_cap, new_r, self.bt.shape[2])
+        scale = self.scale.new_zeros(new_cap)
+        a[:cap, :r_max] = self.a
+        bt[:cap, :r_max] = self.bt
+        scale[:cap] = self.scale
+        self.a, self.bt, self.scale = a, bt, scale
+        self.version += 1
+
+    @torch.no_grad()
+    def write(self, slot: int, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Put A (r, in) and B (out, r) of adapter `name` into `slot`."""
+        rank = lora_a.shape[0]
+        self._fit(slot, rank)
+        self.a[slot, :rank].copy_(lora_a)
+        self.bt[slot, :rank].copy_(lora_b.T)
+        if rank < self.a.shape[1]:  # a lower-rank adapter in a reused slot: clear the tail
+            self.a[slot, rank:].zero_()
+            self.bt[slot, rank:].zero_()
+        self.scale[slot] = scaling
+        previous = self.owner.get(slot)
+        if previous is not None and previous != name:
+            self.slot_of.pop(previous, None)
+            self.stamps.pop(previous, None)
+        self.owner[slot] = name
+        self.slot_of[name] = slot
+        self.version += 1
+
+    @torch.no_grad()
+    def clear(self, name: str) -> None:
+        """Zero the slot `name` occupies here (rows routed to it then get no delta on this layer)."""
+        self.stamps.pop(name, None)
+        slot = self.slot_of.pop(name, None)
+        if slot is not None and self.owner.get(slot) == name:
+            del self.owner[slot]
+            self.a[slot].zero_()
+            self.bt[slot].zero_()
+            self.scale[slot] = 0
+            self.version += 1
+
+    def sync(self, slot: int, name: str, adapter) -> None:
+        """Copy a module adapter's factors into `slot` unless the copy there is still current."""
+        stamp = (slot, id(adapter), adapter.lora_a._version, adapter.lora_b._version, adapter.lora_a.data_ptr(),
+                 adapter.lora_b.data_ptr(), adapter.scaling)
+        if self.stamps.get(name) == stamp and self.owner.get(slot) == name:
+            return
+        if self.slot_of.get(name, slot) != slot:
+            self.clear(name)  # the adapter moved to another slot (released and assigned again)
+        self.write(slot, name, adapter.lora_a.detach(), adapter.lora_b.detach(), adapter.scaling)
+        self.stamps[name] = stamp
+
+    def forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting,
+                row_slot: torch.Tensor) -> torch.Tensor:
+        """``result[i] + scale[k]·(x[i]·A[k]ᵀ)·B[k]ᵀ`` with ``k = row_slot[i]`` (0: nothing), every row at once.
+
+        x (N, ..., in), result (N, ..., out), row_slot (N,) on the CPU.
+        """
+        n = x.shape[0]
+        if row_slot.numel() != n:
+            raise ValueError(
+                f"adapter_names has {row_slot.numel()} entries but this layer sees a batch of {n} rows; "
+                "pass one adapter name per row of the input batch"
+            )
+        x3 = x.reshape(n, -1, x.shape[-1]).to(self.dtype)  # (N, T, in)
+        slots, onehot = routing.groups(row_slot, x.device)
+        k, t = slots.numel(), x3.shape[1]
+        if k == 0:
+            return result
+        blocks = k * (GATHER_COST + n * t) <= n * (GATHER_COST + t)
+        key = (routing.key(row_slot), self.version, x.device, blocks)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._blocks(slots, onehot) if blocks else self._rows(routing.on(row_slot, x.device)))
+        first, keep, second = self._last[1]
+        out3 = result.reshape(n, t, -1)
+        if blocks:  # (N·T, in) · (in, k·r), masked per row to its own block, · (k·r, out), added in the GEMM
+            u = torch.matmul(x3, first) * keep  # (N, T, k·r)
+            delta = torch.addmm(out3.reshape(n * t, -1).to(self.dtype), u.view(n * t, -1), second)
+        else:  # each row through its own A, then its own B, added in the batched GEMM
+            u = torch.bmm(x3, first) * keep  # (N, T, r)
+            delta = torch.baddbmm(out3.to(self.dtype), u, second)
+        return delta.view(result.shape).to(result.dtype)
+
+    def _rows(self, row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's own factors: Aᵀ (N, in, r), scale (N, 1, 1), Bᵀ (N, r, out)."""
+        a_t = self.a.index_select(0, row_slot).transpose(1, 2)
+        return a_t, self.scale.index_select(0, row_slot).view(-1, 1, 1), self.bt.index_select(0, row_slot)
+
+    def _blocks(self, slots: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The k distinct adapters side by side: Aᵀ (in, k·r), per-row block mask x scale (N, 1, k·r), Bᵀ (k·r, out)."""
+        k, r = slots.numel(), self.a.shape[1]
+        a_t = self.a.index_select(0, slots).view(k * r, -1).T
+        keep = (onehot.to(self.dtype) * self.scale.index_select(0, slots)).repeat_interleave(r, dim=1)  # (N, k·r)
+        return a_t, keep[:, None, :], self.bt.index_select(0, slots).view(k * r, -1)
