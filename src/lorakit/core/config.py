@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.core.adapter_weights import rule_for, scaling
 from lorakit.core.peft_features import check_peft_features
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
 
@@ -158,10 +159,17 @@ class LoraConfig(metaclass=_KnownKeywords):
         key = _pattern_key(self.alpha_pattern, module_name)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
 
+    def scaling_rule(self) -> str:
+        """The name of this config's scaling rule (see ``lorakit.core.adapter_weights.scaling``)."""
+        return rule_for(bool(self.use_rslora))
+
+    def scale_rank_for(self, module_name: str) -> float:
+        """The rank the scaling rule divides by for this module (AdaLoRA: its init_r)."""
+        return self.rank_for(module_name)
+
     def scaling_for(self, module_name: str) -> float:
-        """α/r, or α/√r with rsLoRA, with this module's rank and alpha patterns applied."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
+        """This module's scaling (α/r, or α/√r with rsLoRA), rank and alpha patterns applied."""
+        return float(scaling(self.alpha_for(module_name), self.scale_rank_for(module_name), self.scaling_rule()))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

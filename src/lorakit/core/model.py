@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lorakit.core import arithmetic
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers import LoraLayer, RowRouting, wrap_module
+from lorakit.core.layers import LoraAdapter, LoraLayer, RowRouting, wrap_module
 from lorakit.core.layers.param import LoraParameter
 from lorakit.core.modules_to_save import TrainableCopies
 from lorakit.core.state_dict import get_adapter_state_dict, load_adapter_state_dict
@@ -160,10 +160,7 @@ class LoraModel(nn.Module):
             self._replace(path, layer)
         if config.fan_in_fan_out and hasattr(layer, "fan_in_fan_out"):
             layer.fan_in_fan_out = True
-        rank = config.rank_for(path)
-        adapter = layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path),
-                                    config.lora_dropout, config.init_lora_weights, adapter_class(config, layer))
-        setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+        _add_to_layer(layer, path, name, config)
 
     def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
         """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
@@ -176,8 +173,7 @@ class LoraModel(nn.Module):
         if layer is None:
             layer = LoraParameter(module, param_name)
             self._replace(path, layer)
-        layer.add_adapter(name, config.rank_for(key), config.alpha_for(key), config.scaling_for(key),
-                          config.lora_dropout, config.init_lora_weights)
+        _add_to_layer(layer, key, name, config)
 
     def _modules_to_save_paths(self, config: LoraConfig) -> list[str]:
         wanted = config.modules_to_save or []
@@ -595,6 +591,20 @@ def _check_same_target_parameters(config: LoraConfig, others: dict[str, LoraConf
             raise ConfigError(f"adapter {name!r} targets the parameters {sorted(other.target_parameters)}, this one "
                               f"{sorted(wanted)}; adapters with target_parameters must all target the same set "
                               "(PEFT's rule, which keeps their saved key names valid)")
+
+
+def _add_to_layer(layer: LoraLayer, path: str, name: str, config: LoraConfig) -> LoraAdapter:
+    """The one construction path of an adapter on a wrapped module or raw parameter.
+
+    The config picks the class (a variant) and its scaling rule; ``setup_adapter`` then creates the
+    variant's tensors and runs inits that need the base weight. A variant that can't act on this
+    layer kind (e.g. DoRA on a raw parameter) raises there, never degrades to plain LoRA.
+    """
+    adapter = layer.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
+                                config.init_lora_weights, adapter_class(config, layer), config.scaling_rule(),
+                                config.scale_rank_for(path))
+    setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+    return adapter
 
 
 def _find_param_layer(module: nn.Module, param_name: str) -> LoraParameter | None:
