@@ -20,7 +20,6 @@ from lorakit.core.layers import LoraLayer
 from lorakit.errors import AdapterError, ConfigError
 
 
-
 class TrainableTokens(nn.Module):
     """Wraps an nn.Embedding (or, tied to one, its output Linear) with per-adapter replacement rows."""
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorakit.core.layers import LoraConv, LoraLayer
 from lorakit.core.adapter_weights import apply_scaling
+from lorakit.core.layers import LoraConv, LoraLayer
 from lorakit.core.variants.adalora import AdaLoraAdapter, AdaLoraConfig
 from lorakit.errors import TargetModuleError
 

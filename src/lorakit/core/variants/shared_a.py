@@ -25,9 +25,9 @@ import warnings
 
 import torch
 
+from lorakit.core.adapter_weights import normalise_key
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers import LoraAdapter, LoraLayer
-from lorakit.core.adapter_weights import normalise_key
 from lorakit.core.state_dict import adapter_tensor_refs
 from lorakit.errors import ConfigError
 
