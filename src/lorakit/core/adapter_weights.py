@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -304,11 +305,13 @@ class AdapterWeights:
         other: PEFT key -> tensor for everything else in the file: modules_to_save copies,
             trainable tokens (``<embedding>.token_adapter.trainable_tokens_delta``), base biases.
         config: the adapter_config.json it came with (or will be written with), unchanged.
+        source: the folder it was read from, if any.
     """
 
     targets: dict[str, TargetWeights]
     other: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None
 
     @property
     def num_params(self) -> int:
@@ -333,7 +336,7 @@ class AdapterWeights:
     def from_peft_state_dict(cls, tensors: Mapping[str, torch.Tensor], config: Any,
                              raw_config: Mapping[str, Any] | None = None,
                              on_target: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
-                             ) -> AdapterWeights:
+                             source: Path | None = None) -> AdapterWeights:
         """Group a PEFT state dict into targets.
 
         Args:
@@ -343,6 +346,9 @@ class AdapterWeights:
             raw_config: the adapter_config.json as read, kept on the result.
             on_target: called with (path, role -> tensor) before each target is built, to refuse
                 what a caller can't handle (it raises).
+            source: where the tensors were read from, kept on the result.
+
+        Other keys (modules_to_save copies, trainable tokens, biases) go to ``other`` as given.
         """
         adalora = str(getattr(config, "peft_type", "LORA")).upper() == "ADALORA"
         rule = rule_for(bool(getattr(config, "use_rslora", False)), adalora)
@@ -352,7 +358,7 @@ class AdapterWeights:
         for key, tensor in tensors.items():
             parsed = parse_peft_key(key)
             if parsed is None:
-                other[normalise_key(key)] = tensor
+                other[key] = tensor
                 continue
             path, role, tail = parsed
             grouped.setdefault(path, {})[role] = tensor
@@ -383,4 +389,4 @@ class AdapterWeights:
                 groups=groups,
                 # a (1,) fp32 tensor like PEFT's ranknum, so ΔW rounds as the live layer's does
                 scale_rank=torch.full((1,), float(config.init_r)) if adalora else None)
-        return cls(targets=targets, other=other, config=dict(raw_config or {}))
+        return cls(targets=targets, other=other, config=dict(raw_config or {}), source=source)

@@ -54,7 +54,7 @@ class LoraConfig(metaclass=_KnownKeywords):
     init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.core.variants)
-    lora_bias: bool = False  # lora_B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
+    lora_bias: bool = False  # B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full
     # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):
     use_dylora: bool = False  # DyLoRA: train nested ranks b ≤ r (scaling α/b), usable at any rank after

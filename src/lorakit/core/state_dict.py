@@ -2,11 +2,11 @@
 
 The key grammar (prefix, suffixes per layer kind and variant) is :mod:`lorakit.core.adapter_weights`';
 this module only knows how lorakit's module tree maps to PEFT's wrapped model, which names a
-wrapper's inner module ``base_layer`` (lorakit: ``base``), so
+wrapper's inner module ``BASE_LAYER`` (lorakit: ``base``), so
 
-* a wrapped layer's bias (``bias="lora_only"``/``"all"``) sits under the ``base_layer`` hop;
+* a wrapped layer's bias (``bias="lora_only"``/``"all"``) sits under the ``BASE_LAYER`` hop;
 * raw-parameter LoRA (``target_parameters``) nests one wrapper per parameter, the first one
-  registered innermost, so the inner ones' keys carry one ``base_layer`` hop per outer wrapper;
+  registered innermost, so the inner ones' keys carry one ``BASE_LAYER`` hop per outer wrapper;
 * trainable tokens and modules_to_save copies use PEFT's wrapper names (``TOKENS_SUFFIX``,
   ``MODULES_TO_SAVE``, ``ORIGINAL_MODULE``).
 
@@ -115,7 +115,8 @@ def adapter_tensor_refs(model: nn.Module, name: str, bias: str = "none") -> dict
 
 
 def legacy_keys(model: nn.Module, name: str) -> dict[str, str]:
-    """Keys lorakit < 0.2 wrote for raw-parameter LoRA (``rnn.weight_ih_l0.lora_A.weight``) -> today's key."""
+    """Keys lorakit < 0.2 wrote for raw-parameter LoRA (under ``rnn.weight_ih_l0``, the parameter's own
+    path, instead of PEFT's nested wrappers) -> today's key."""
     out: dict[str, str] = {}
     for path, module in named_wrappers(model):
         if isinstance(module, LoraParameter) and name in module.adapters:
@@ -161,9 +162,9 @@ def _is_base_bias(key: str) -> bool:
 
 
 def _match_base_bias_names(given: dict[str, torch.Tensor], refs: dict[str, torch.Tensor]) -> None:
-    """Rename the file's base-bias keys to this model's: a bias is ``X.base_layer.bias`` while some
+    """Rename the file's base-bias keys to this model's: a bias is ``X.<BASE_BIAS>`` while some
     adapter wraps X and ``X.bias`` otherwise, so a ``bias="all"`` file saved alone names ``X.bias``
-    where a model that already holds another adapter on X has ``X.base_layer.bias`` (and back)."""
+    where a model that already holds another adapter on X has ``X.<BASE_BIAS>`` (and back)."""
     tail = "." + BASE_BIAS
     for key in [k for k in given if k not in refs and _is_base_bias(k)]:
         other = key[: -len(tail)] + ".bias" if key.endswith(tail) else key[: -len(".bias")] + tail
@@ -175,7 +176,7 @@ def _match_base_bias_names(given: dict[str, torch.Tensor], refs: dict[str, torch
 def load_adapter_state_dict(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                             bias: str = "none") -> None:
     """Copy `tensors` into adapter `name`; every check happens before the first copy."""
-    # both sides normalised: a wrapper may name its tensors the way PEFT writes them (``.base_layer.``)
+    # both sides normalised: a wrapper may name its tensors the way PEFT writes them (BASE_LAYER hops)
     refs = {normalise_key(k): v for k, v in adapter_tensor_refs(model, name, bias).items()}
     given = {normalise_key(k): v for k, v in tensors.items()}
     for old, new in legacy_keys(model, name).items():

@@ -6,7 +6,7 @@ Because B is pointwise, the composition is one conv with weight einsum('or,r...-
 which is the merged delta.
 
 A runs with the base's stride and padding only — dilation 1 and zero padding whatever the base
-uses — because that is what PEFT's ``lora_A`` conv does, and a PEFT adapter must give PEFT's
+uses — because that is what PEFT's A conv does, and a PEFT adapter must give PEFT's
 outputs. For a dilated conv or a non-zero ``padding_mode`` the LoRA path is then not the base conv
 with a changed kernel, so merging such an adapter is refused (MergeError) rather than inexact.
 
@@ -71,7 +71,7 @@ class LoraConv(LoraLayer):
         return super().add_adapter(name, rank, alpha, dropout, init, adapter_cls, rule, scale_rank)
 
     def project_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # PEFT's lora_A: a conv with the base's kernel, stride and padding, but dilation 1, zero
+        # PEFT's A: a conv with the base's kernel, stride and padding, but dilation 1, zero
         # padding and no groups, whatever the base uses: (N, in, *S) -> (N, r, *S')
         return self._functional(x, a, None, self.base.stride, self.base.padding)
 

@@ -16,7 +16,7 @@ so the base weights are never touched (no drift from merge/unmerge rounding) and
 bit-identical to PEFT's.
 
 File keys (PEFT's, see ``lorakit.core.adapter_weights``): the in_proj pair under the module's
-path, the out_proj pair under ``<mha>.base_layer.out_proj``.
+path, the out_proj pair under the inner module's ``out_proj``.
 
 Only packed q/k/v (``_qkv_same_embed_dim``, the default) is supported, like in PEFT. LoRA dropout
 doesn't apply (the adapter acts on weights; PEFT ignores it too). A per-row adapter choice runs

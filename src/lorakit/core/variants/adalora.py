@@ -1,8 +1,9 @@
 """AdaLoRA (Zhang et al. 2023): LoRA in SVD form whose rank budget is re-allocated while training.
 
-    ΔW = P·(Λ ⊙ Q)·α / (ranknum + 1e-5)       P = B (out, r), Λ = E (r, 1), Q = A (r, in)
+    ΔW = s · P·(Λ ⊙ Q)       P = B (out, r), Λ = E (r, 1), Q = A (r, in)
 
-exactly as PEFT computes it (``ranknum`` is the layer's initial rank ``init_r``; pruned triplets
+exactly as PEFT computes it, s being AdaLoRA's rule in ``adapter_weights.scaling``: α divided by
+``ranknum`` (the layer's initial rank ``init_r``, plus PEFT's 1e-5 guard); pruned triplets
 have Λ = 0). Training adds the orthogonality penalty :func:`orthogonal_loss` to the loss and calls
 :class:`~lorakit.core.variants.adalora_budget.AdaLoraController` after each optimizer step; it masks
 the least important triplets on a cubic budget schedule and records ``rank_pattern``.
@@ -161,7 +162,7 @@ class AdaLoraAdapter(LoraAdapter):
         return self.ranknum
 
     def delta(self, layer: LoraLayer) -> torch.Tensor:
-        """ΔW = B·(A ⊙ E)·α / (ranknum + 1e-5), fp32, in the base weight's layout."""
+        """ΔW = s · B·(A ⊙ E) (AdaLoRA's scaling rule), fp32, in the base weight's layout."""
         product = layer.delta_from((self.lora_a * self.lora_e).float(), self.lora_b.float())
         return apply_scaling(product, self.alpha, self.ranknum, "adalora")
 

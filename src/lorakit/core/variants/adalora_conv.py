@@ -3,7 +3,7 @@
 The SVD triplets are flat matrices over the whole kernel (PEFT's layout and file format):
 
     Q = A (r, in·kh·kw),  Λ = E (r, 1),  P = B (out, r)
-    ΔW = (P·(Q ⊙ Λ) · α / (ranknum + 1e-5)).reshape(out, in, kh, kw)
+    ΔW = (s · P·(Q ⊙ Λ)).reshape(out, in, kh, kw)      s: AdaLoRA's rule in adapter_weights.scaling
 
 and the layer output is ``conv(x, W) + conv(dropout(x), ΔW)`` with the base's stride, padding
 and dilation (zero padding, as PEFT). The budget schedule, the orthogonality penalty and the

@@ -43,7 +43,7 @@ class LoraBiasAdapter(LoraAdapter):
         return super().extra_repr() + ", lora_bias=True"
 
     def _project_b(self, layer: LoraLayer, u: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, LoraConv):  # PEFT's lora_B: a 1×1 conv with the base's groups
+        if isinstance(layer, LoraConv):  # PEFT's B: a 1×1 conv with the base's groups
             return layer._functional(u, self.lora_b, self.lora_b_bias, 1, 0, 1, getattr(layer.base, "groups", 1))
         return F.linear(u, self.lora_b, self.lora_b_bias)
 
