@@ -18,7 +18,10 @@ from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-# init_lora_weights values lorakit implements (PEFT's others are refused by name in peft_features)
+# init_lora_weights values lorakit implements: True/"kaiming" (A Kaiming-uniform, B = 0), False (both
+# random: ΔW ≠ 0, for tests), "gaussian" (A ~ N(0, 1/r)), "pissa"/"pissa_niter_K" and "olora" (factors from
+# the base weight, which becomes the residual), "orthogonal" (orthogonal A and B, ΔW = 0). PEFT's other
+# values (loftq, eva, corda, lora_ga, ...) are refused by name in peft_features before this list is checked.
 _INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "orthogonal")
 
 
@@ -51,7 +54,7 @@ class LoraConfig(metaclass=_KnownKeywords):
     bias: str = "none"  # which biases train: none, all, lora_only (those of LoRA-wrapped layers)
     modules_to_save: list[str] | None = None  # modules trained in full and saved, e.g. a classifier head
     fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
-    init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
+    init_lora_weights: bool | str = True  # see _INIT_MODES: True/"kaiming", False, "gaussian", "pissa[_niter_K]", ...
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.core.variants)
     lora_bias: bool = False  # B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
