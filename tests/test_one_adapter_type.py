@@ -182,3 +182,32 @@ def test_import_adapter_builds_a_layer_from_the_type():
     assert torch.equal(lm.model.lin.delta_weight("copy"), lm.model.lin.delta_weight("default"))
     with pytest.raises(lorakit.errors.AdapterError, match="lora_a is"):
         lm.model.lin.import_adapter("copy", source.with_factors(torch.zeros(3, 8), torch.zeros(6, 3)))
+
+
+@pytest.mark.parametrize("variant", ["plain", "dora", "adalora"])
+def test_a_saved_folder_parsed_by_the_type_gives_the_live_deltas(tmp_path, variant):
+    """Folder -> AdapterWeights.from_peft_state_dict: same targets, same ΔW as the live layers, and the
+    type writes back exactly the keys and tensors save_pretrained wrote."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lorakit.core.variants import AdaLoraConfig, config_class_for_peft_type
+
+    targets = ["emb", "lin", "conv"]
+    config = (AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=4, target_modules=["lin", "conv"])
+              if variant == "adalora" else LoraConfig(r=4, lora_alpha=8, use_dora=variant == "dora",
+                                                      target_modules=targets))
+    lm = lorakit.get_lora_model(_Net(), config)
+    _randomise(lm)
+    lm.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    parsed = aw.AdapterWeights.from_peft_state_dict(
+        tensors, config_class_for_peft_type(raw["peft_type"]).from_dict(raw), raw)
+    assert set(parsed.peft_state_dict()) == set(tensors) and parsed.other == {}
+    layers = {n: m for n, m in lm.model.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(parsed.targets) == sorted(layers)
+    for path, target in parsed.targets.items():
+        layer = layers[path]
+        assert torch.equal(target.delta(layer.base_weight()), layer.delta_weight("default")), path

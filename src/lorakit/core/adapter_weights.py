@@ -264,7 +264,7 @@ class TargetWeights:
             product = torch.einsum("or,r...->o...", b.flatten(1), a)  # (out, in, *k)
         else:
             product = b.reshape(b.shape[0], -1) @ a  # (out, in) / (out, in·k)
-            if self.kind == "conv" and base_weight is not None:
+            if base_weight is not None and base_weight.dim() > 2:
                 product = product.reshape(base_weight.shape)  # AdaLoRA's flat conv factors
         rank = self.scale_rank if self.scale_rank is not None else self.rank
         lora = apply_scaling(product, self.alpha, rank, self.rule)
@@ -378,7 +378,7 @@ class AdapterWeights:
                 kind = "embedding"
             elif "out_a" in roles:
                 kind = "mha"
-            elif a.dim() > 2 or (adalora and b.dim() > 2):
+            elif a.dim() > 2:  # AdaLoRA's conv factors are flat: "linear" here, reshaped by delta(base_weight)
                 kind = "conv"
             else:
                 kind = "linear"
