@@ -173,6 +173,16 @@ def test_a_variant_that_reaches_a_raw_parameter_is_refused_not_dropped():
         lorakit.get_lora_model(_Net(), config)
 
 
+def test_from_folder_names_the_folder_when_it_is_broken(tmp_path):
+    lorakit.get_lora_model(_Net(), LoraConfig(r=2, target_modules=["lin"])).save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "lora_B" not in k}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(lorakit.AdapterLoadError, match="layer lin has no lora_B tensor"):
+        aw.AdapterWeights.from_folder(tmp_path)
+
+
 def test_import_adapter_builds_a_layer_from_the_type():
     lm = lorakit.get_lora_model(_Net(), LoraConfig(r=2, target_modules=["lin"]))
     _randomise(lm)
@@ -206,6 +216,9 @@ def test_a_saved_folder_parsed_by_the_type_gives_the_live_deltas(tmp_path, varia
     parsed = aw.AdapterWeights.from_peft_state_dict(
         tensors, config_class_for_peft_type(raw["peft_type"]).from_dict(raw), raw)
     assert set(parsed.peft_state_dict()) == set(tensors) and parsed.other == {}
+    from_folder = aw.AdapterWeights.from_folder(tmp_path)
+    assert from_folder.source == tmp_path and from_folder.config == raw
+    assert all(torch.equal(from_folder.peft_state_dict()[k], v) for k, v in tensors.items())
     layers = {n: m for n, m in lm.model.named_modules() if isinstance(m, LoraLayer)}
     assert sorted(parsed.targets) == sorted(layers)
     for path, target in parsed.targets.items():

@@ -333,6 +333,31 @@ class AdapterWeights:
         return out
 
     @classmethod
+    def from_folder(cls, folder: str | Path, root: str | Path | None = None) -> AdapterWeights:
+        """Read a PEFT-format adapter folder (LoRA or AdaLoRA, PEFT's or lorakit's).
+
+        Args:
+            folder: adapter_config.json + adapter_model.safetensors (or a legacy .bin, never unpickled).
+            root: read only files inside this folder, as ``LoraModel.load_adapter`` does.
+
+        Raises AdapterLoadError for a missing, corrupt or inconsistent folder.
+        """
+        import warnings
+
+        from lorakit.core.variants import config_class_for_peft_type  # above this module: imported late
+        from lorakit.errors import AdapterLoadError, ConfigError
+        from lorakit.io import read_adapter_folder
+
+        raw, tensors = read_adapter_folder(folder, root=root)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown PEFT keys: LoraModel warns when it loads them
+                config = config_class_for_peft_type(raw.get("peft_type", "LORA")).from_dict(raw)
+            return cls.from_peft_state_dict(tensors, config, raw, source=Path(folder))
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise AdapterLoadError(f"{folder}: {exc}") from None
+
+    @classmethod
     def from_peft_state_dict(cls, tensors: Mapping[str, torch.Tensor], config: Any,
                              raw_config: Mapping[str, Any] | None = None,
                              on_target: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
