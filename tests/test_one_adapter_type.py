@@ -224,3 +224,45 @@ def test_a_saved_folder_parsed_by_the_type_gives_the_live_deltas(tmp_path, varia
     for path, target in parsed.targets.items():
         layer = layers[path]
         assert torch.equal(target.delta(layer.base_weight()), layer.delta_weight("default")), path
+
+
+def test_gpt2_conv1d_mha_and_lora_bias_deltas_match_what_a_merge_adds():
+    """fan_in_fan_out (GPT-2 Conv1D, DoRA too), MHA's doubled out_proj delta and lora_bias's bias delta:
+    TargetWeights says what merge_adapter adds to each base tensor."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(6, 8)  # weight (in=8, out=6)
+            self.mha = nn.MultiheadAttention(8, 2)
+            self.lin = nn.Linear(8, 5)
+
+    for config in (LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
+                   LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True),
+                   LoraConfig(r=2, lora_alpha=4, target_modules=["mha"]),
+                   LoraConfig(r=2, target_modules=["lin"], lora_bias=True)):
+        torch.manual_seed(0)
+        lm = lorakit.get_lora_model(Net(), config)
+        _randomise(lm)
+        before = {k: v.detach().clone() for k, v in lm.model.state_dict().items() if ".adapters." not in k}
+        weights = export_adapter_weights(lm.model, "default")
+        (path, target), = weights.targets.items()
+        layer = lm.model.get_submodule(path)
+        base_weight = layer.base_weight().detach().clone()
+        lm.merge_adapter()
+        after = {k: v for k, v in lm.model.state_dict().items() if ".adapters." not in k}
+        if target.kind == "mha":
+            pairs = [(f"{path}.base.in_proj_weight", target.delta()),
+                     (f"{path}.base.out_proj.weight", target.out_proj_delta())]
+        else:
+            weight_key = f"{path}.base.weight"
+            pairs = [(weight_key, target.delta(base_weight))]
+            if target.bias_delta() is not None:
+                pairs.append((f"{path}.base.bias", target.bias_delta()))
+        assert target.fan_in_fan_out == (path == "c_attn")
+        for key, delta in pairs:
+            assert delta.shape == before[key].shape, key
+            # the merge rounds W + ΔW to fp32 (twice for MHA's out_proj): a few ulps at the weight's scale
+            tol = 4 * torch.finfo(torch.float32).eps * float(after[key].abs().max())
+            torch.testing.assert_close(after[key] - before[key], delta, rtol=0, atol=tol)
