@@ -380,10 +380,9 @@ class LoraModel(nn.Module):
             modules_to_save=first.modules_to_save, task_type=first.task_type,
             base_model_name_or_path=first.base_model_name_or_path)
         self.add_adapter(adapter_name, config)
-        for path, (a, b) in factors_by_path.items():
-            adapter = self.model.get_submodule(path).adapters[adapter_name]
-            adapter.lora_a.copy_(a.reshape(adapter.lora_a.shape))
-            adapter.lora_b.copy_(b.reshape(adapter.lora_b.shape))
+        for path, (a, b) in factors_by_path.items():  # the new layers are built from the type
+            layer = self.model.get_submodule(path)
+            layer.import_adapter(adapter_name, layer.export_adapter(adapter_name, path).with_factors(a, b))
         # full trainable copies (e.g. classifier heads) are full weights, not deltas: weighted average
         for module in self._wrappers():
             if isinstance(module, TrainableCopies) and adapter_name in module.copies:
