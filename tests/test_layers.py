@@ -24,7 +24,7 @@ def _randomize(layer, seed=0, scale=1.0):
 def _linear_layer(in_f=16, out_f=12, rank=4, alpha=8.0, bias=True, dropout=0.0):
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(in_f, out_f, bias=bias))
-    layer.add_adapter("a", rank, alpha, alpha / rank, dropout)
+    layer.add_adapter("a", rank, alpha, dropout)
     layer.active_adapters = ["a"]
     return layer
 
@@ -47,7 +47,7 @@ def test_kaiming_uniform_init_bounds_match_peft():
 def test_gaussian_init_std():
     layer = LoraLinear(nn.Linear(256, 8))
     torch.manual_seed(0)
-    layer.add_adapter("g", 4, 4, 1.0, 0.0, init="gaussian")
+    layer.add_adapter("g", 4, 4, 0.0, init="gaussian")
     assert abs(layer.adapters["g"].lora_a.std().item() - 1 / 4) < 0.02
 
 
@@ -151,7 +151,7 @@ def test_gpt2_conv1d_fan_in_fan_out():
     base = Conv1D(12, 16)  # nf=out, nx=in; weight (in, out)
     layer = LoraLinear(base)
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (16, 12)
-    layer.add_adapter("a", 4, 4, 1.0, 0.0)
+    layer.add_adapter("a", 4, 4, 0.0)
     layer.active_adapters = ["a"]
     _randomize(layer)
     ad = layer.adapters["a"]
@@ -167,7 +167,7 @@ def test_embedding_closed_form_and_init():
     torch.manual_seed(0)
     base = nn.Embedding(50, 8, padding_idx=0)
     layer = LoraEmbedding(base)
-    layer.add_adapter("a", 4, 8, 2.0, 0.1)
+    layer.add_adapter("a", 4, 8, 0.1)
     layer.active_adapters = ["a"]
     ad = layer.adapters["a"]
     assert torch.count_nonzero(ad.lora_a) == 0 and isinstance(ad.dropout, nn.Identity)
@@ -186,7 +186,7 @@ def test_conv_equals_conv_with_merged_kernel(conv_cls, shape, kernel):
     torch.manual_seed(0)
     base = conv_cls(3, 5, kernel, stride=2, padding=1, dilation=1)
     layer = LoraConv(base)
-    layer.add_adapter("a", 2, 4, 2.0, 0.0)
+    layer.add_adapter("a", 2, 4, 0.0)
     layer.active_adapters = ["a"]
     x = torch.randn(*shape)
     assert torch.equal(layer(x), base(x))
@@ -201,10 +201,10 @@ def test_lstm_raw_parameter_lora():
     torch.manual_seed(0)
     lstm = nn.LSTM(6, 5, batch_first=True)
     inner = LoraParameter(lstm, "weight_ih_l0")
-    inner.add_adapter("a", 2, 4, 2.0, 0.0)
+    inner.add_adapter("a", 2, 4, 0.0)
     inner.active_adapters = ["a"]
     outer = LoraParameter(inner, "weight_hh_l0")
-    outer.add_adapter("a", 3, 3, 1.0, 0.0)
+    outer.add_adapter("a", 3, 3, 0.0)
     outer.active_adapters = ["a"]
     x = torch.randn(2, 4, 6)
     ref_out, _ = lstm(x)
@@ -231,7 +231,7 @@ def test_gru_raw_parameter():
     torch.manual_seed(0)
     gru = nn.GRU(4, 3)
     layer = LoraParameter(gru, "weight_hh_l0")
-    layer.add_adapter("a", 2, 2, 1.0, 0.0, init=False)
+    layer.add_adapter("a", 2, 2, 0.0, init=False)
     layer.active_adapters = ["a"]
     x = torch.randn(5, 2, 4)
     ref = nn.GRU(4, 3)
@@ -244,7 +244,7 @@ def test_gru_raw_parameter():
 def test_bf16_base_gets_fp32_adapters_and_output_dtype_kept():
     base = nn.Linear(8, 4).to(torch.bfloat16)
     layer = LoraLinear(base)
-    layer.add_adapter("a", 2, 2, 1.0, 0.0, init=False)
+    layer.add_adapter("a", 2, 2, 0.0, init=False)
     layer.active_adapters = ["a"]
     assert layer.adapters["a"].lora_a.dtype == torch.float32
     out = layer(torch.randn(3, 8, dtype=torch.bfloat16))

@@ -260,12 +260,7 @@ def hub_snapshot(repo_id: str) -> Path:
     with ``HF_HUB_OFFLINE=1`` only the cache is used. Raises ConfigError saying how to pass a
     local folder when the model can't be had.
     """
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - transformers depends on it
-        raise ConfigError(f"base {repo_id!r} looks like a Hugging Face id, but huggingface_hub is not installed; "
-                          "pass a local checkpoint folder instead") from None
-    from huggingface_hub import constants
+    from huggingface_hub import constants, snapshot_download  # a dependency of transformers
 
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))

@@ -143,7 +143,7 @@ def test_pure_helpers_used_by_the_core_agree_with_files(adapters):
     """arithmetic.weighted_sum on factor tuples gives the same ΔW as the file-level linear combine."""
     from lorakit.analysis.factors import read_adapter
 
-    layers = [read_adapter(adapters[x].path).layers["model.layers.0.self_attn.o_proj"] for x in "abc"]
+    layers = [read_adapter(adapters[x].path).targets["model.layers.0.self_attn.o_proj"] for x in "abc"]
     out = ar.weighted_sum([lay.factors for lay in layers], WEIGHTS, out_scaling=2.0)
     torch.testing.assert_close(2.0 * out.lora_b @ out.lora_a, weighted(adapters, "model.layers.0.self_attn.o_proj"),
                                rtol=1e-5, atol=1e-6)

@@ -19,22 +19,22 @@ from lorakit.core import arithmetic as ar
 def test_factors_reproduce_peft_delta_weight(adapters, which):
     written = adapters[which]
     adapter = read_adapter(written.path)
-    assert sorted(adapter.layers) == sorted(written.dense)
-    for name, layer in adapter.layers.items():
+    assert sorted(adapter.targets) == sorted(written.dense)
+    for name, layer in adapter.targets.items():
         torch.testing.assert_close(ar.delta_weight(layer.factors), written.dense[name], rtol=1e-6, atol=1e-7)
 
 
 def test_patterns_and_kinds_follow_peft(adapters):
-    a = read_adapter(adapters["a"].path).layers
+    a = read_adapter(adapters["a"].path).targets
     q, v, down = (a["model.layers.1.self_attn.q_proj"], a["model.layers.1.self_attn.v_proj"],
                   a["model.layers.1.mlp.down_proj"])
     assert (q.rank, q.alpha, q.scaling) == (4, 16, 4.0)  # rank_pattern q_proj: 4
     assert (v.rank, v.scaling) == (8, 2.0)
     assert (down.alpha, down.scaling) == (5, 5 / 8)  # alpha_pattern on layer 1 only
     assert a["model.layers.0.mlp.down_proj"].alpha == 16
-    b = read_adapter(adapters["b"].path).layers["model.layers.0.self_attn.k_proj"]
+    b = read_adapter(adapters["b"].path).targets["model.layers.0.self_attn.k_proj"]
     assert b.scaling == 8 / 2  # rsLoRA: α/√r
-    mixed = read_adapter(adapters["mixed"].path).layers
+    mixed = read_adapter(adapters["mixed"].path).targets
     assert {n: (lay.kind, lay.shape) for n, lay in mixed.items()} == {
         "conv": ("conv", (10, 27)), "emb": ("embedding", (12, 20)), "lin": ("linear", (9, 12))}
 
@@ -42,7 +42,7 @@ def test_patterns_and_kinds_follow_peft(adapters):
 @pytest.mark.parametrize("which,base", [("a", tiny_llama), ("mixed", Mixed)])
 def test_write_roundtrip_loads_in_peft(adapters, tmp_path, which, base):
     adapter = read_adapter(adapters[which].path)
-    out = write_adapter(tmp_path / "copy", adapter.layers, adapter.config, adapter.extra, adapter.dtype)
+    out = write_adapter(tmp_path / "copy", adapter.targets, adapter.config, adapter.other, adapter.dtype)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     text = (out / "adapter_config.json").read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
@@ -63,7 +63,7 @@ def test_legacy_bin_is_read_without_unpickling(adapters, tmp_path):
     torch.save(tensors, folder / "adapter_model.bin")
     (folder / "adapter_model.safetensors").unlink()
     adapter = read_adapter(folder)
-    for name, layer in adapter.layers.items():
+    for name, layer in adapter.targets.items():
         torch.testing.assert_close(ar.delta_weight(layer.factors), adapters["qv"].dense[name], rtol=1e-6, atol=1e-7)
 
 
@@ -141,7 +141,7 @@ def test_reads_adapters_written_by_lorakit(tmp_path):
                                                                      target_modules=["q_proj", "v_proj"]))
     randomize_lora(model, 7)
     model.save_pretrained(tmp_path / "ours")
-    layers = read_adapter(tmp_path / "ours").layers
+    layers = read_adapter(tmp_path / "ours").targets
     wrapped = {n.removeprefix("model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert sorted(wrapped) == sorted(layers)
     for name, module in wrapped.items():

@@ -39,20 +39,6 @@ def test_config_error_exits_before_loading_a_model(tmp_path, capsys, monkeypatch
     assert "data file x.jsonl does not exist" in capsys.readouterr().err
 
 
-def test_nf4_without_quantize_model_is_a_clear_error(monkeypatch):
-    import sys
-    import types
-
-    from lorakit.errors import ConfigError
-    from lorakit.train.config import load_config
-    from lorakit.train.model_setup import check_quant_available
-
-    cfg = load_config(raw={"data": {"train_file": "x.jsonl"}, "quant": {"method": "nf4"}})
-    monkeypatch.setitem(sys.modules, "lorakit.quant", types.ModuleType("lorakit.quant"))  # a build without it
-    with pytest.raises(ConfigError, match="quant.method: nf4 needs lorakit.quantize_model"):
-        check_quant_available(cfg)
-
-
 def test_classification_run_and_predict(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     rows = [{"text": w, "label": lab} for w, lab in [("great", "pos"), ("awful", "neg"), ("lovely", "pos"),

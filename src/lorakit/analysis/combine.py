@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from lorakit.analysis.errors import IncompatibleAdaptersError, RankError
-from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
+from lorakit.analysis.factors import read_adapter, write_adapter
 from lorakit.core import arithmetic as ar
+from lorakit.core.adapter_weights import AdapterWeights, TargetWeights
 
 METHODS = ("linear", "concat", "svd", "ties", "dare")
 
@@ -50,30 +51,30 @@ class CombineReport:
         return asdict(self)
 
 
-def check_compatible(adapters: Sequence[Adapter]) -> None:
+def check_compatible(adapters: Sequence[AdapterWeights]) -> None:
     """Same layers with the same ΔW shapes and kinds, or IncompatibleAdaptersError naming the layer."""
     first = adapters[0]
     for other in adapters[1:]:
-        missing = sorted(set(first.layers) ^ set(other.layers))
+        missing = sorted(set(first.targets) ^ set(other.targets))
         if missing:
             name = missing[0]
-            has, lacks = (first, other) if name in first.layers else (other, first)
+            has, lacks = (first, other) if name in first.targets else (other, first)
             raise IncompatibleAdaptersError(
-                f"layer {name} is adapted by {has.path} but not by {lacks.path} "
+                f"layer {name} is adapted by {has.source} but not by {lacks.source} "
                 f"({len(missing)} layer(s) differ); combine needs adapters on the same layers"
             )
-        for name, layer in first.layers.items():
-            o = other.layers[name]
+        for name, layer in first.targets.items():
+            o = other.targets[name]
             if layer.shape != o.shape or layer.kind != o.kind:
                 raise IncompatibleAdaptersError(
-                    f"layer {name}: ΔW is {layer.kind} {layer.shape} in {first.path} but {o.kind} {o.shape} "
-                    f"in {other.path}; the adapters were trained on different base models"
+                    f"layer {name}: ΔW is {layer.kind} {layer.shape} in {first.source} but {o.kind} {o.shape} "
+                    f"in {other.source}; the adapters were trained on different base models"
                 )
 
 
-def combine_layers(adapters: Sequence[Adapter], weights: Sequence[float], method: str, rank: int | None = None,
+def combine_layers(adapters: Sequence[AdapterWeights], weights: Sequence[float], method: str, rank: int | None = None,
                    density: float | None = None, seed: int = 0,
-                   ) -> tuple[dict[str, LayerFactors], list[LayerCombination]]:
+                   ) -> tuple[dict[str, TargetWeights], list[LayerCombination]]:
     """Combined factors for every layer, and each layer's rank and relative error."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -95,15 +96,15 @@ def combine_layers(adapters: Sequence[Adapter], weights: Sequence[float], method
     dtype = adapters[0].dtype
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps  # "zero" σ at the inputs' precision
     generator = torch.Generator().manual_seed(seed)  # dare: one stream, layers in sorted order
-    out: dict[str, LayerFactors] = {}
+    out: dict[str, TargetWeights] = {}
     report: list[LayerCombination] = []
-    for name, first in adapters[0].layers.items():
-        layers = [a.layers[name] for a in adapters]
+    for name, first in adapters[0].targets.items():
+        layers = [a.targets[name] for a in adapters]
         factors = [lay.factors for lay in layers]
         k = rank if rank is not None else max(lay.rank for lay in layers)
         if method == "concat":
             k = sum(lay.rank for lay in layers)
-            new = ar.concat(factors, weights, scaling_for(first.alpha, k, first.use_rslora))
+            new = ar.concat(factors, weights, first.scaling_at(k))
         elif method in ("linear", "svd"):
             svd = ar.thin_svd(ar.stack(factors, weights))  # of Σ w_i ΔW_i, from the stacked factors
             limit = min(sum(lay.rank for lay in layers), *first.shape)
@@ -114,7 +115,7 @@ def combine_layers(adapters: Sequence[Adapter], weights: Sequence[float], method
             elif k > limit:
                 raise RankError(f"--rank {k} is larger than the weighted sum can have at layer {name} "
                                 f"(at most {limit} = min(Σ r_i, d, k))")
-            new = ar.balanced_factors(svd, k, scaling_for(first.alpha, k, first.use_rslora))
+            new = ar.balanced_factors(svd, k, first.scaling_at(k))
         else:
             if k > min(first.shape):
                 raise RankError(f"--rank {k} is larger than layer {name}'s ΔW {first.shape} allows")
@@ -123,7 +124,7 @@ def combine_layers(adapters: Sequence[Adapter], weights: Sequence[float], method
                 merged = ar.ties_merge(deltas, weights, density)  # type: ignore[arg-type]
             else:
                 merged = ar.dare_merge(deltas, weights, density, generator)  # type: ignore[arg-type]
-            new = ar.factorize(merged, k, scaling_for(first.alpha, k, first.use_rslora))
+            new = ar.factorize(merged, k, first.scaling_at(k))
         out[name] = first.with_factors(new.lora_a, new.lora_b)
         report.append(LayerCombination(name, k, new.relative_error))
     return out, report
@@ -142,5 +143,5 @@ def combine(sources: Sequence[str | os.PathLike], out: str | os.PathLike, weight
     adapters = [read_adapter(s) for s in sources]
     weights = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(w) for w in weights]
     layers, report = combine_layers(adapters, weights, method, rank=rank, density=density, seed=seed)
-    write_adapter(out, layers, adapters[0].config, adapters[0].extra, adapters[0].dtype)
+    write_adapter(out, layers, adapters[0].config, adapters[0].other, adapters[0].dtype)
     return CombineReport([str(s) for s in sources], str(out), method, list(weights), report)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.analysis.errors import RankError
-from lorakit.analysis.factors import Adapter, LayerFactors, read_adapter, scaling_for, write_adapter
+from lorakit.analysis.factors import read_adapter, write_adapter
 from lorakit.core import arithmetic as ar
+from lorakit.core.adapter_weights import AdapterWeights, TargetWeights
 
 
 @dataclass
@@ -44,8 +45,8 @@ class CompressReport:
         return {**asdict(self), "max_relative_error": self.max_relative_error}
 
 
-def compress_layers(adapter: Adapter, rank: int | None = None, energy: float | None = None,
-                    ) -> tuple[dict[str, LayerFactors], list[LayerCompression]]:
+def compress_layers(adapter: AdapterWeights, rank: int | None = None, energy: float | None = None,
+                    ) -> tuple[dict[str, TargetWeights], list[LayerCompression]]:
     """Truncated-SVD factors per layer: to `rank` everywhere, or to the rank holding `energy`."""
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (an int) or energy (a fraction in (0, 1])")
@@ -54,17 +55,17 @@ def compress_layers(adapter: Adapter, rank: int | None = None, energy: float | N
     if rank is not None:
         if rank < 1:
             raise RankError(f"--rank must be at least 1, got {rank}")
-        too_small = [n for n, lay in adapter.layers.items() if lay.rank < rank]
+        too_small = [n for n, lay in adapter.targets.items() if lay.rank < rank]
         if too_small:
-            have = adapter.layers[too_small[0]].rank
+            have = adapter.targets[too_small[0]].rank
             raise RankError(f"--rank {rank} is larger than layer {too_small[0]}'s rank {have} "
                             f"({len(too_small)} layer(s) affected); compression can only lower the rank")
-    out: dict[str, LayerFactors] = {}
+    out: dict[str, TargetWeights] = {}
     report: list[LayerCompression] = []
-    for name, layer in adapter.layers.items():
+    for name, layer in adapter.targets.items():
         svd = ar.thin_svd(layer.factors)
         k = rank if rank is not None else max(1, ar.effective_rank(svd.s, energy))  # type: ignore[arg-type]
-        new = ar.balanced_factors(svd, k, scaling_for(layer.alpha, k, layer.use_rslora))
+        new = ar.balanced_factors(svd, k, layer.scaling_at(k))
         out[name] = layer.with_factors(new.lora_a, new.lora_b)
         total = float((svd.s**2).sum())
         kept = float((svd.s[:k] ** 2).sum()) / total if total > 0 else 1.0
@@ -79,6 +80,6 @@ def compress(source: str | os.PathLike, out: str | os.PathLike, rank: int | None
         raise ValueError(f"--out {out} is the source adapter; write the compressed copy somewhere else")
     adapter = read_adapter(source)
     layers, report = compress_layers(adapter, rank=rank, energy=energy)
-    write_adapter(out, layers, adapter.config, adapter.extra, adapter.dtype)
+    write_adapter(out, layers, adapter.config, adapter.other, adapter.dtype)
     return CompressReport(str(source), str(out), adapter.num_params,
                           sum(lay.num_params for lay in layers.values()), report)

@@ -1,127 +1,51 @@
-"""PEFT-format adapter folders as per-layer LoRA factors, and back.
+"""PEFT-format adapter folders read as :class:`~lorakit.core.adapter_weights.AdapterWeights`, and back.
 
-    ΔW_layer = scaling · B·A,   A: (r, k), B: (d, r),   scaling = α/r  (α/√r with rsLoRA)
+    ΔW_layer = scaling · B·A      (the scaling rule and the key grammar live in core/adapter_weights.py)
 
-Linear layers store A as ``<module>.lora_A.weight`` (r, in) and B as ``.lora_B.weight`` (out, r);
-embeddings as ``.lora_embedding_A`` (r, num_embeddings) / ``.lora_embedding_B`` (dim, r), so their
-ΔW here is the transpose of the embedding's weight layout (norms and spectra don't change); conv
-layers store A (r, in, kh, kw) and B (out, r, 1, 1), which we flatten to (r, in·kh·kw) / (out, r).
-Rank and alpha per layer follow PEFT: ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched
-at the end of the module name on a dot boundary, first match wins.
+The analysis tools (inspect, compress, combine) work on the factors of plain LoRA adapters:
+Linear, Embedding (ΔW here is the transpose of the embedding's weight layout; norms and spectra
+don't change) and Conv (A (r, in, kh, kw) seen as (r, in·kh·kw), B (out, r, 1, 1) as (out, r)).
+Variants whose ΔW is not scaling·B·A are refused by name. Rank and alpha per layer follow PEFT:
+``rank_pattern`` / ``alpha_pattern`` keys are regexes matched at the end of the module name on a
+dot boundary, first match wins.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorakit.analysis.errors import CorruptAdapterError, NotAnAdapterError, UnsupportedAdapterError
-from lorakit.core.arithmetic import LoraFactors
+from lorakit.core.adapter_weights import AdapterWeights, TargetWeights
 from lorakit.core.config import LoraConfig
 from lorakit.errors import AdapterLoadError, ConfigError
 from lorakit.io import CONFIG_NAME, read_adapter_folder, write_adapter_folder
 
-PREFIX = "base_model.model."
-_LINEAR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<part>[AB])\.weight$")
-_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_embedding_(?P<part>[AB])$")
-# tensors whose presence means ΔW is not scaling·B·A
+# tensor roles whose presence means ΔW is not scaling·B·A
 _UNSUPPORTED = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
-    ".lora_B.bias": "lora_bias",
-    ".lora_E": "AdaLoRA",
-    ".base_layer.out_proj.lora_": "LoRA on nn.MultiheadAttention (PEFT adds the out_proj delta twice)",
+    "magnitude": "DoRA (use_dora)",
+    "lora_b_bias": "lora_bias",
+    "lora_e": "AdaLoRA",
+    "out_a": "LoRA on nn.MultiheadAttention (PEFT adds the out_proj delta twice)",
+    "out_b": "LoRA on nn.MultiheadAttention (PEFT adds the out_proj delta twice)",
 }
 
 
-@dataclass(frozen=True)
-class LayerFactors:
-    """One adapted layer: its factors, alpha and how to write them back."""
+def read_adapter(path: str | os.PathLike) -> AdapterWeights:
+    """Read a PEFT-format LoRA adapter folder (safetensors, or legacy .bin without unpickling).
 
-    name: str  # module path inside the base model (what rank_pattern keys match)
-    kind: str  # "linear" | "embedding" | "conv": picks tensor names and on-disk shapes
-    lora_a: torch.Tensor  # (r, k); a conv kernel is flattened to k = in·kh·kw
-    lora_b: torch.Tensor  # (d, r)
-    alpha: float  # this layer's lora_alpha, alpha_pattern applied
-    use_rslora: bool  # scaling = α/√r instead of α/r
-    a_tail: tuple[int, ...] = ()  # conv only: A's on-disk shape after r, e.g. (in, kh, kw)
-    b_tail: tuple[int, ...] = ()  # conv only: B's trailing kernel dims, e.g. (1, 1)
+    Args:
+        path: the folder (adapter_config.json + adapter_model.safetensors).
 
-    @property
-    def rank(self) -> int:
-        return int(self.lora_a.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.lora_a.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.lora_b.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(d, k) of ΔW = scaling·B·A."""
-        return (self.out_features, self.in_features)
-
-    @property
-    def scaling(self) -> float:
-        return scaling_for(self.alpha, self.rank, self.use_rslora)
-
-    @property
-    def factors(self) -> LoraFactors:
-        return LoraFactors(self.lora_a, self.lora_b, self.scaling)
-
-    @property
-    def num_params(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
-
-    def with_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> LayerFactors:
-        """The same layer with new factors (any rank); alpha and rsLoRA are kept."""
-        return replace(self, lora_a=lora_a, lora_b=lora_b)
-
-    def peft_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The layer's tensors under PEFT's key names and shapes."""
-        a = self.lora_a.to(dtype)
-        b = self.lora_b.to(dtype)
-        if self.kind == "embedding":
-            return {f"{PREFIX}{self.name}.lora_embedding_A": a, f"{PREFIX}{self.name}.lora_embedding_B": b}
-        if self.kind == "conv":
-            a = a.reshape(self.rank, *self.a_tail)  # (r, in, kh, kw)
-            b = b.reshape(self.out_features, self.rank, *self.b_tail)  # (out, r, 1, 1)
-        return {f"{PREFIX}{self.name}.lora_A.weight": a, f"{PREFIX}{self.name}.lora_B.weight": b}
-
-
-def scaling_for(alpha: float, rank: int, use_rslora: bool) -> float:
-    """α/r, or α/√r with rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-@dataclass
-class Adapter:
-    """A LoRA adapter read from a folder: the config as written and its layers' factors."""
-
-    path: Path | None  # where it was read from
-    config: dict[str, Any]  # adapter_config.json, unchanged
-    layers: dict[str, LayerFactors]  # module name -> factors, sorted by name
-    extra: dict[str, torch.Tensor]  # non-LoRA tensors (modules_to_save, ...), copied through on write
-    dtype: torch.dtype  # dtype of the stored factors; outputs are written in it
-
-    @property
-    def num_params(self) -> int:
-        return sum(layer.num_params for layer in self.layers.values())
-
-
-def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read a PEFT-format LoRA adapter folder (safetensors, or legacy .bin without unpickling)."""
+    Raises NotAnAdapterError, CorruptAdapterError, or UnsupportedAdapterError for adapters whose
+    ΔW is not scaling·B·A (DoRA, lora_bias, AdaLoRA, MultiheadAttention, grouped convs).
+    """
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         subdirs = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file()) if path.is_dir() else []
@@ -146,50 +70,43 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     except (ConfigError, TypeError) as exc:
         raise CorruptAdapterError(f"{path / 'adapter_config.json'}: {exc}") from None
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    kinds: dict[str, str] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        for marker, what in _UNSUPPORTED.items():
-            if marker in key:
-                raise UnsupportedAdapterError(f"{path}: tensor {key} means {what}; its ΔW is not scaling·B·A")
-        match = _LINEAR_KEY.match(key) or _EMBEDDING_KEY.match(key)
-        if match is None:
-            extra[key] = tensor
-            continue
-        name = match["name"]
-        pairs.setdefault(name, {})[match["part"]] = tensor
-        kinds[name] = "embedding" if "lora_embedding_" in key else ("conv" if tensor.dim() > 2 else "linear")
-    if not pairs:
-        raise NotAnAdapterError(f"{path} holds no LoRA tensors (no *.lora_A.weight / *.lora_embedding_A keys)")
+    def refuse_variants(name: str, roles: dict[str, torch.Tensor]) -> None:
+        for role, what in _UNSUPPORTED.items():
+            if role in roles:
+                raise UnsupportedAdapterError(f"{path}: layer {name} has a {role} tensor, which means {what}; "
+                                              "its ΔW is not scaling·B·A")
 
-    layers = {name: _layer(path, name, kinds[name], pairs[name], config) for name in sorted(pairs)}
-    dtypes = Counter(layer.lora_a.dtype for layer in layers.values())
-    dtype = dtypes.most_common(1)[0][0]
-    return Adapter(path=path, config=raw_config, layers=layers, extra=extra, dtype=dtype)
+    try:
+        adapter = AdapterWeights.from_peft_state_dict(tensors, config, raw_config, on_target=refuse_variants,
+                                                      source=path)
+    except UnsupportedAdapterError:
+        raise
+    except ValueError as exc:  # a factor missing
+        raise CorruptAdapterError(f"{path}: {exc}") from None
+    if not adapter.targets:
+        raise NotAnAdapterError(f"{path} holds no LoRA tensors (no A/B factor keys in PEFT's naming)")
+    for target in adapter.targets.values():
+        _check_target(path, target, config)
+    return adapter
 
 
-def _layer(path: Path, name: str, kind: str, pair: Mapping[str, torch.Tensor], config: LoraConfig) -> LayerFactors:
-    if set(pair) != {"A", "B"}:
-        missing = "lora_B" if "A" in pair else "lora_A"
-        raise CorruptAdapterError(f"{path}: layer {name} has no {missing} tensor; the adapter is incomplete")
-    a, b = pair["A"], pair["B"]
+def _check_target(path: Path, target: TargetWeights, config: LoraConfig) -> None:
+    """Shapes that multiply, a dense conv delta, and the rank the config gives the layer."""
+    a, b, name = target.lora_a, target.lora_b, target.path
     rank = a.shape[0]
-    a_tail: tuple[int, ...] = ()
-    b_tail: tuple[int, ...] = ()
-    if kind == "conv":
-        a_tail, b_tail = tuple(a.shape[1:]), tuple(b.shape[2:])
+    if target.kind == "conv":
         if b.dim() == a.dim() and b.shape[1] != rank and b.shape[1] and rank % b.shape[1] == 0:
-            raise UnsupportedAdapterError(f"{path}: layer {name} is LoRA on a grouped convolution (lora_B reads "
+            raise UnsupportedAdapterError(f"{path}: layer {name} is LoRA on a grouped convolution (B reads "
                                           f"{b.shape[1]} of {rank} rank channels per group); its ΔW is not a "
                                           "dense scaling·B·A")
-        if b.dim() != a.dim() or any(s != 1 for s in b_tail):
+        if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]):
             raise UnsupportedAdapterError(f"{path}: layer {name} has conv factors {tuple(a.shape)} / "
                                           f"{tuple(b.shape)}; only B with a 1×1 kernel is supported")
-        a, b = a.reshape(rank, -1), b.reshape(b.shape[0], b.shape[1])  # (r, in·kh·kw), (out, r)
-    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
+    elif a.dim() != 2 or b.dim() != 2:
+        b = b.new_empty(0, 0)  # fails the check below
+    if b.dim() < 2 or b.shape[1] != rank:
         raise CorruptAdapterError(
-            f"{path}: layer {name} has lora_A {tuple(pair['A'].shape)} and lora_B {tuple(pair['B'].shape)}, "
+            f"{path}: layer {name} has A {tuple(a.shape)} and B {tuple(target.lora_b.shape)}, "
             "which don't multiply (A must be (r, in), B (out, r))"
         )
     expected = config.rank_for(name)
@@ -198,11 +115,9 @@ def _layer(path: Path, name: str, kind: str, pair: Mapping[str, torch.Tensor], c
             f"{path}: layer {name} stores rank {rank} but adapter_config.json gives it r={expected} "
             "(check r / rank_pattern)"
         )
-    return LayerFactors(name=name, kind=kind, lora_a=a, lora_b=b, alpha=config.alpha_for(name),
-                        use_rslora=bool(config.use_rslora), a_tail=a_tail, b_tail=b_tail)
 
 
-def write_adapter(path: str | os.PathLike, layers: Mapping[str, LayerFactors], base_config: Mapping[str, Any],
+def write_adapter(path: str | os.PathLike, layers: Mapping[str, TargetWeights], base_config: Mapping[str, Any],
                   extra: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write layers as a PEFT-format adapter folder (atomic per file), config derived from base_config.
 
@@ -235,7 +150,7 @@ def write_adapter(path: str | os.PathLike, layers: Mapping[str, LayerFactors], b
     return write_adapter_folder(path, config, tensors)
 
 
-def _check_patterns(config: dict[str, Any], layers: Mapping[str, LayerFactors]) -> None:
+def _check_patterns(config: dict[str, Any], layers: Mapping[str, TargetWeights]) -> None:
     """Full module names as pattern keys are regexes too: make sure each resolves to its own layer."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.analysis.errors import CheckpointError, IncompatibleAdaptersError
-from lorakit.analysis.factors import Adapter, read_adapter
+from lorakit.analysis.factors import read_adapter
 from lorakit.core import arithmetic as ar
+from lorakit.core.adapter_weights import AdapterWeights
 
 
 @dataclass
@@ -84,16 +85,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _as_adapter(adapter: Adapter | str | os.PathLike) -> Adapter:
-    return adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
+def _as_adapter(adapter: AdapterWeights | str | os.PathLike) -> AdapterWeights:
+    return adapter if isinstance(adapter, AdapterWeights) else read_adapter(adapter)
 
 
-def inspect_adapter(adapter: Adapter | str | os.PathLike, base: str | os.PathLike | None = None) -> AdapterStats:
+def inspect_adapter(adapter: AdapterWeights | str | os.PathLike, base: str | os.PathLike | None = None) -> AdapterStats:
     """Per-layer statistics of ΔW (and ‖ΔW‖/‖W0‖ when `base` is a transformers checkpoint folder)."""
     adapter = _as_adapter(adapter)
-    base_norms = base_weight_norms(base, list(adapter.layers)) if base is not None else {}
+    base_norms = base_weight_norms(base, list(adapter.targets)) if base is not None else {}
     layers = []
-    for name, layer in adapter.layers.items():
+    for name, layer in adapter.targets.items():
         s = ar.singular_values(layer.factors)  # (min(r, d, k),)
         norm = float(s.norm())
         base_norm = base_norms.get(name)
@@ -104,7 +105,7 @@ def inspect_adapter(adapter: Adapter | str | os.PathLike, base: str | os.PathLik
             base_norm=base_norm, relative_norm=(norm / base_norm) if base_norm else None,
         ))
     config = adapter.config
-    stats = AdapterStats(path=str(adapter.path), r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
+    stats = AdapterStats(path=str(adapter.source), r=int(config.get("r", 8)), lora_alpha=config.get("lora_alpha", 8),
                          use_rslora=bool(config.get("use_rslora", False)), num_params=adapter.num_params,
                          layers=layers)
     stats.summary = summarize(layers)
@@ -132,26 +133,26 @@ def summarize(layers: list[LayerStats]) -> dict[str, Any]:
     return summary
 
 
-def compare_adapters(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike) -> Comparison:
+def compare_adapters(a: AdapterWeights | str | os.PathLike, b: AdapterWeights | str | os.PathLike) -> Comparison:
     """Per-layer cosine similarity of ΔW between two adapters, from their factors."""
     a, b = _as_adapter(a), _as_adapter(b)
-    shared = [n for n in a.layers if n in b.layers]
+    shared = [n for n in a.targets if n in b.targets]
     if not shared:
-        raise IncompatibleAdaptersError(f"{a.path} and {b.path} adapt no common layer "
-                                        f"(e.g. {next(iter(a.layers))} vs {next(iter(b.layers))})")
+        raise IncompatibleAdaptersError(f"{a.source} and {b.source} adapt no common layer "
+                                        f"(e.g. {next(iter(a.targets))} vs {next(iter(b.targets))})")
     rows, inner_total, norm_a2, norm_b2 = [], 0.0, 0.0, 0.0
     for name in shared:
-        fa, fb = a.layers[name], b.layers[name]
+        fa, fb = a.targets[name], b.targets[name]
         if fa.shape != fb.shape:
-            raise IncompatibleAdaptersError(f"layer {name}: ΔW is {fa.shape} in {a.path} but {fb.shape} in {b.path}")
+            raise IncompatibleAdaptersError(f"layer {name}: ΔW is {fa.shape} in {a.source} but {fb.shape} in {b.source}")
         inner = ar.frobenius_inner(fa.factors, fb.factors)
         na, nb = ar.frobenius_norm(fa.factors), ar.frobenius_norm(fb.factors)
         rows.append(LayerSimilarity(name, inner / (na * nb) if na * nb > 0 else float("nan"), na, nb))
         inner_total, norm_a2, norm_b2 = inner_total + inner, norm_a2 + na * na, norm_b2 + nb * nb
     defined = [r.cosine for r in rows if not math.isnan(r.cosine)]
     return Comparison(
-        path_a=str(a.path), path_b=str(b.path), layers=rows,
-        only_in_a=[n for n in a.layers if n not in b.layers], only_in_b=[n for n in b.layers if n not in a.layers],
+        path_a=str(a.source), path_b=str(b.source), layers=rows,
+        only_in_a=[n for n in a.targets if n not in b.targets], only_in_b=[n for n in b.targets if n not in a.targets],
         mean_cosine=statistics.fmean(defined) if defined else float("nan"),
         overall_cosine=inner_total / math.sqrt(norm_a2 * norm_b2) if norm_a2 * norm_b2 > 0 else float("nan"),
     )

@@ -39,7 +39,8 @@ def measure_training_peak(request: PlanRequest, steps: int = 2, threads: int = 2
                           timeout: float = 900) -> Measured:
     """Train `steps` AdamW steps of lorakit LoRA on random tokens in a subprocess; return its peak."""
     if request.quant is not None:
-        raise PlanError("measuring a 4-bit run is not supported yet (needs lorakit.quant's trainable 4-bit Linear)")
+        raise PlanError("measure_training_peak builds the full-precision model only; measure without quant "
+                        "(a 4-bit base's figure stays the plan's prediction)")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     if fixed_mmap_threshold:
         env.update(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, MALLOC_ARENA_MAX="1")

@@ -12,12 +12,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.core.adapter_weights import rule_for, scaling
 from lorakit.core.peft_features import check_peft_features
 from lorakit.errors import ConfigError, ConfigKeyError, did_you_mean
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-# init_lora_weights values lorakit implements (PEFT's others are refused by name in peft_features)
+# init_lora_weights values lorakit implements: True/"kaiming" (A Kaiming-uniform, B = 0), False (both
+# random: ΔW ≠ 0, for tests), "gaussian" (A ~ N(0, 1/r)), "pissa"/"pissa_niter_K" and "olora" (factors from
+# the base weight, which becomes the residual), "orthogonal" (orthogonal A and B, ΔW = 0). PEFT's other
+# values (loftq, eva, corda, lora_ga, ...) are refused by name in peft_features before this list is checked.
 _INIT_MODES = (True, False, "gaussian", "kaiming", "pissa", "olora", "orthogonal")
 
 
@@ -50,10 +54,10 @@ class LoraConfig(metaclass=_KnownKeywords):
     bias: str = "none"  # which biases train: none, all, lora_only (those of LoRA-wrapped layers)
     modules_to_save: list[str] | None = None  # modules trained in full and saved, e.g. a classifier head
     fan_in_fan_out: bool = False  # the base stores weight as (in, out): GPT-2's Conv1D
-    init_lora_weights: bool | str = True  # True (B=0), "gaussian", "pissa[_niter_K]", "olora", "orthogonal"
+    init_lora_weights: bool | str = True  # see _INIT_MODES: True/"kaiming", False, "gaussian", "pissa[_niter_K]", ...
     use_rslora: bool = False  # rank-stabilised scaling α/√r
     use_dora: bool = False  # weight-decomposed LoRA (see lorakit.core.variants)
-    lora_bias: bool = False  # lora_B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
+    lora_bias: bool = False  # B gets a trainable bias (PEFT's lora_bias); merging adds it to the base bias
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None  # embedding rows trained in full
     # lorakit-only (written to adapter_config.json only when set; PEFT ignores them):
     use_dylora: bool = False  # DyLoRA: train nested ranks b ≤ r (scaling α/b), usable at any rank after
@@ -158,10 +162,17 @@ class LoraConfig(metaclass=_KnownKeywords):
         key = _pattern_key(self.alpha_pattern, module_name)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
 
+    def scaling_rule(self) -> str:
+        """The name of this config's scaling rule (see ``lorakit.core.adapter_weights.scaling``)."""
+        return rule_for(bool(self.use_rslora))
+
+    def scale_rank_for(self, module_name: str) -> float:
+        """The rank the scaling rule divides by for this module (AdaLoRA: its init_r)."""
+        return self.rank_for(module_name)
+
     def scaling_for(self, module_name: str) -> float:
-        """α/r, or α/√r with rsLoRA, with this module's rank and alpha patterns applied."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
+        """This module's scaling (α/r, or α/√r with rsLoRA), rank and alpha patterns applied."""
+        return float(scaling(self.alpha_for(module_name), self.scale_rank_for(module_name), self.scaling_rule()))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lorakit.core import arithmetic
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers import LoraLayer, wrap_module
+from lorakit.core.layers import LoraAdapter, LoraLayer, wrap_module
 from lorakit.core.layers.param import LoraParameter
 from lorakit.core.modules_to_save import TrainableCopies
 from lorakit.core.routing import RouteHolder, RowRouting, SlotTable
@@ -44,6 +44,7 @@ _NAME = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
 
 def check_adapter_name(name: str) -> str:
+    """`name` if it can name an adapter (a folder and a module key), else AdapterError."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterError(
             f"invalid adapter name {name!r}: use 1-100 letters, digits, '_' or '-' "
@@ -53,14 +54,19 @@ def check_adapter_name(name: str) -> str:
 
 
 class LoraModel(nn.Module):
-    """`model`, frozen, with named LoRA adapters injected in place.
+    """A frozen base model with named LoRA adapters injected in place (PEFT's PeftModel, for LoRA).
 
     Args:
-        model: the base model; its parameters are frozen and its LoRA targets are wrapped in place.
-        config: the first adapter's config. None builds a LoraModel with no adapters: it runs the
+        model: the base model (any ``nn.Module``; transformers models keep ``generate`` and
+            ``config``). Its parameters are frozen; only adapter tensors train.
+        config: the first adapter's :class:`~lorakit.core.config.LoraConfig` (or a variant's
+            config such as ``AdaLoraConfig``). None builds a LoraModel with no adapters: it runs the
             base model bit for bit until :meth:`add_adapter` / :meth:`load_adapter` wraps the targets
             (a server holds one from the start and loads adapters as requests name them).
-        adapter_name: the first adapter's name (with `config`).
+        adapter_name: the first adapter's name (with `config`); it becomes the active adapter.
+
+    Each adapter is stored on the layers; on disk it is a PEFT-format folder whose tensors are
+    named by :mod:`lorakit.core.adapter_weights`.
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig | None = None, adapter_name: str = "default"):
@@ -93,6 +99,7 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ layers
     def lora_layers(self) -> Iterator[LoraLayer]:
+        """Every LoRA layer (wrapped module or raw parameter) in the model, in module order."""
         yield from (m for m in iter_wrappers(self.model) if isinstance(m, LoraLayer))
 
     def _wrappers(self) -> Iterator[LoraLayer | TrainableCopies | TrainableTokens]:
@@ -105,7 +112,15 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject a new adapter (not activated: call set_adapter). Nothing changes if it fails."""
+        """Inject a new adapter (not activated: call set_adapter). Nothing changes if it fails.
+
+        Args:
+            adapter_name: 1-100 letters, digits, '_' or '-'; unique in this model.
+            config: which modules / raw parameters to adapt and how (rank, alpha, variant, ...).
+                Every target, module or raw parameter, is built by the same path
+                (``adapter_class`` + ``setup_adapter``): a variant that can't act on a target is
+                refused there, never silently turned into plain LoRA.
+        """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterError(f"an adapter named {adapter_name!r} exists already; delete it or pick another name")
@@ -179,10 +194,7 @@ class LoraModel(nn.Module):
             self._replace(path, layer)
         if config.fan_in_fan_out and hasattr(layer, "fan_in_fan_out"):
             layer.fan_in_fan_out = True
-        rank = config.rank_for(path)
-        adapter = layer.add_adapter(name, rank, config.alpha_for(path), config.scaling_for(path),
-                                    config.lora_dropout, config.init_lora_weights, adapter_class(config, layer))
-        setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+        _add_to_layer(layer, path, name, config)
 
     def _add_trainable_tokens(self, name: str, config: LoraConfig) -> None:
         """PEFT's trainable_token_indices; a tied output layer follows the input embedding's rows."""
@@ -195,8 +207,7 @@ class LoraModel(nn.Module):
         if layer is None:
             layer = LoraParameter(module, param_name)
             self._replace(path, layer)
-        layer.add_adapter(name, config.rank_for(key), config.alpha_for(key), config.scaling_for(key),
-                          config.lora_dropout, config.init_lora_weights)
+        _add_to_layer(layer, key, name, config)
 
     def _modules_to_save_paths(self, config: LoraConfig) -> list[str]:
         wanted = config.modules_to_save or []
@@ -212,7 +223,11 @@ class LoraModel(nn.Module):
         return paths
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left without adapters turn back into the base module."""
+        """Remove an adapter everywhere; layers left without adapters turn back into the base module.
+
+        Args:
+            adapter_name: an adapter of this model (unmerge it first if it is merged).
+        """
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         for module in list(self._wrappers()):
@@ -246,7 +261,12 @@ class LoraModel(nn.Module):
                     break
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
-        """Make these adapters the active ones (several are summed)."""
+        """Make these adapters the active ones (several are summed) and the trainable ones.
+
+        Args:
+            adapter_names: one name or a list of names; each must exist. Adapters loaded for
+                inference (``inference_mode``) stay frozen.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -258,6 +278,7 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
+        """The first active adapter's name (PEFT's attribute)."""
         if not self.active_adapters:
             raise AdapterError("no adapter is active (the model has none yet): add_adapter or load_adapter first")
         return self.active_adapters[0]
@@ -308,6 +329,13 @@ class LoraModel(nn.Module):
         adapter is DoRA again (when the first one is) with its magnitude starting at the base
         weight's norms, exactly what PEFT's add_weighted_adapter produces. Adapters with
         modules_to_save or trainable_token_indices are refused (those parts can't be weighted).
+
+        Args:
+            adapters: names of existing adapters.
+            weights: one weight per adapter (may be negative).
+            adapter_name: the new adapter's name.
+            combination_type: ``"cat"``, ``"svd"`` or ``"linear"`` (above).
+            svd_rank: the rank of ``svd``'s result (default: the largest input rank).
         """
         if len(adapters) != len(weights) or not adapters:
             raise ConfigError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -367,10 +395,9 @@ class LoraModel(nn.Module):
             modules_to_save=first.modules_to_save, task_type=first.task_type,
             base_model_name_or_path=first.base_model_name_or_path)
         self.add_adapter(adapter_name, config)
-        for path, (a, b) in factors_by_path.items():
-            adapter = self.model.get_submodule(path).adapters[adapter_name]
-            adapter.lora_a.copy_(a.reshape(adapter.lora_a.shape))
-            adapter.lora_b.copy_(b.reshape(adapter.lora_b.shape))
+        for path, (a, b) in factors_by_path.items():  # the new layers are built from the type
+            layer = self.model.get_submodule(path)
+            layer.import_adapter(adapter_name, layer.export_adapter(adapter_name, path).with_factors(a, b))
         # full trainable copies (e.g. classifier heads) are full weights, not deltas: weighted average
         for module in self._wrappers():
             if isinstance(module, TrainableCopies) and adapter_name in module.copies:
@@ -389,11 +416,15 @@ class LoraModel(nn.Module):
             self.enable_adapters()
 
     def disable_adapters(self) -> contextlib.AbstractContextManager:
-        """Run the plain base model. Also a context manager: ``with model.disable_adapters(): ...``."""
+        """Run the plain base model (merged adapters are unmerged on the next forward).
+
+        Also a context manager: ``with model.disable_adapters(): ...`` enables them again on exit.
+        """
         self._set_disabled(True)
         return self._disabled_ctx()
 
     def enable_adapters(self) -> None:
+        """Undo :meth:`disable_adapters`: the active adapters apply again."""
         self._set_disabled(False)
 
     def _set_disabled(self, value: bool) -> None:
@@ -403,7 +434,14 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> None:
-        """W += scaling·B·A in every layer for these (default: active) adapters."""
+        """W += ΔW in every layer for these adapters (fp32 arithmetic, cast back). Idempotent.
+
+        Args:
+            adapter_names: the adapters to merge (default: the active ones).
+            safe_merge: check every delta is finite before changing a weight.
+
+        A layer that can't merge (e.g. a grouped conv) raises MergeError before any layer changes.
+        """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         layers = list(self.lora_layers())
         for layer in layers:  # every layer first, so a refusal leaves no layer half merged
@@ -415,6 +453,7 @@ class LoraModel(nn.Module):
                 module.merge(names)
 
     def unmerge_adapter(self) -> None:
+        """Subtract every merged delta again, newest first, restoring the base weights."""
         for layer in self.lora_layers():
             layer.unmerge()
         for module in self._wrappers():
@@ -422,12 +461,21 @@ class LoraModel(nn.Module):
                 module.unmerge()
 
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = True) -> nn.Module:
-        """Merge, then return the plain base model (its own class, no LoRA modules left)."""
+        """Merge, then return the plain base model (its own class, no LoRA modules left).
+
+        Args:
+            adapter_names: the adapters to merge (default: the active ones).
+            safe_merge: as in :meth:`merge_adapter`.
+        """
         self.merge_adapter(adapter_names, safe_merge)
         return self.unload(_merged=True)
 
     def unload(self, _merged: bool = False) -> nn.Module:
-        """Remove every LoRA module and return the base model (merged weights stay merged)."""
+        """Remove every LoRA module and return the base model (merged weights stay merged).
+
+        Args:
+            _merged: internal (merge_and_unload): keep the active modules_to_save copies.
+        """
         for path, module in sorted(named_wrappers(self.model), key=lambda kv: -kv[0].count(".")):
             if isinstance(module, (LoraLayer, TrainableTokens)):
                 self._replace(path, module.base)
@@ -456,15 +504,24 @@ class LoraModel(nn.Module):
             self._route.current = None
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """Call the wrapped model.
+
+        Args:
+            *args, **kwargs: passed to the wrapped model as they are.
+            adapter_names: one adapter name (or None for the plain base) per batch row, to serve
+                several adapters in one batch; default: the active adapters for every row.
+        """
         with self._routing(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The wrapped model's ``generate``, with `adapter_names` as in :meth:`forward`."""
         with self._routing(adapter_names):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ reporting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a 4-bit base counts its unpacked weights."""
         trainable = total = 0
         for p in self.model.parameters():
             n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # two 4-bit values per byte
@@ -477,6 +534,7 @@ class LoraModel(nn.Module):
         return trainable, total
 
     def trainable_parameters_report(self) -> str:
+        """PEFT's one-line summary of trainable vs frozen parameters."""
         trainable, total = self.get_nb_trainable_parameters()
         frozen = total - trainable
         reduction = 100.0 * (1 - trainable / frozen) if frozen else 0.0
@@ -486,6 +544,7 @@ class LoraModel(nn.Module):
         )
 
     def print_trainable_parameters(self) -> str:
+        """Print :meth:`trainable_parameters_report` (PEFT's API; the one print in the library) and return it."""
         report = self.trainable_parameters_report()
         print(report)
         return report
@@ -493,7 +552,15 @@ class LoraModel(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike,
                         selected_adapters: Iterable[str] | None = None) -> None:
-        """One PEFT-format folder per adapter ("default" at the top, others in a subfolder)."""
+        """One PEFT-format folder per adapter ("default" at the top, others in a subfolder).
+
+        Args:
+            save_directory: the folder to write (created; each file written atomically).
+            selected_adapters: the adapters to save (default: all).
+
+        The tensors are the adapter's :class:`~lorakit.core.adapter_weights.AdapterWeights`
+        (``state_dict.export_adapter_weights``) under PEFT's key names.
+        """
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         if not names:
             raise AdapterError("nothing to save: the model has no adapters (add_adapter or load_adapter first)"
@@ -516,8 +583,13 @@ class LoraModel(nn.Module):
         """Wrap `model` and load the adapter folder. If it fails, `model` is left exactly as it was
         (weights bit for bit, requires_grad flags, modules).
 
-        root: read only files inside this folder (symlinks resolved and checked, no link followed
-        while opening), as ``lorakit serve --adapter-root`` does.
+        Args:
+            model: the base model the adapter was trained on.
+            adapter_dir: a PEFT-format adapter folder (PEFT's or lorakit's).
+            adapter_name: the name it gets here.
+            is_trainable: load it trainable (default: frozen, ``inference_mode``).
+            root: read only files inside this folder (symlinks resolved and checked, no link
+                followed while opening), as ``lorakit serve --adapter-root`` does.
         """
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -535,7 +607,11 @@ class LoraModel(nn.Module):
                      root: str | os.PathLike | None = None) -> None:
         """Add an adapter from a PEFT-format folder. A failed load leaves the model exactly as it was.
 
-        root: as in :meth:`from_pretrained`.
+        Args:
+            adapter_dir: a PEFT-format adapter folder.
+            adapter_name: the name it gets here (not yet used in this model).
+            is_trainable: load it trainable (default: frozen).
+            root: as in :meth:`from_pretrained`.
         """
         config, tensors = _read_config_and_tensors(adapter_dir, is_trainable, root)
         self._load(adapter_name, config, tensors)
@@ -642,6 +718,20 @@ def _check_same_target_parameters(config: LoraConfig, others: dict[str, LoraConf
             raise ConfigError(f"adapter {name!r} targets the parameters {sorted(other.target_parameters)}, this one "
                               f"{sorted(wanted)}; adapters with target_parameters must all target the same set "
                               "(PEFT's rule, which keeps their saved key names valid)")
+
+
+def _add_to_layer(layer: LoraLayer, path: str, name: str, config: LoraConfig) -> LoraAdapter:
+    """The one construction path of an adapter on a wrapped module or raw parameter.
+
+    The config picks the class (a variant) and its scaling rule; ``setup_adapter`` then creates the
+    variant's tensors and runs inits that need the base weight. A variant that can't act on this
+    layer kind (e.g. DoRA on a raw parameter) raises there, never degrades to plain LoRA.
+    """
+    adapter = layer.add_adapter(name, config.rank_for(path), config.alpha_for(path), config.lora_dropout,
+                                config.init_lora_weights, adapter_class(config, layer), config.scaling_rule(),
+                                config.scale_rank_for(path))
+    setup_adapter(layer, adapter, config)  # variant tensors (DoRA magnitude, ...) and inits (PiSSA)
+    return adapter
 
 
 def _find_param_layer(module: nn.Module, param_name: str) -> LoraParameter | None:

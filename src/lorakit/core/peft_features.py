@@ -31,7 +31,7 @@ UNSUPPORTED_KEYS: dict[str, tuple[str, str]] = {
     "velora_config": ("VeLoRA", "its tensors would be dropped when the adapter is saved again"),
     "monteclora_config": ("MonteCLoRA", "its sampling tensors would be dropped when the adapter is saved again"),
     "use_bdlora": ("BD-LoRA (block-diagonal LoRA)", "its block-diagonal factors have other shapes and math"),
-    "use_qalora": ("QA-LoRA", "it pools the input by quantisation group before lora_A"),
+    "use_qalora": ("QA-LoRA", "it pools the input by quantisation group before the A factor"),
     "alora_invocation_tokens": ("aLoRA (activated LoRA)", "it switches the adapter on only after the "
                                                          "invocation tokens"),
     "arrow_config": ("Arrow routing", "it routes tokens between several LoRA experts"),

@@ -5,7 +5,7 @@ replaced, ``W.index_copy(0, ids, values)``, feeds ``F.embedding`` (and, for a ti
 ``F.linear``), which is PEFT's operation order, so outputs are bit-identical. The values start as
 copies of the base rows, so a new adapter changes nothing until it trains.
 
-File format (PEFT's): ``<embedding path>.token_adapter.trainable_tokens_delta`` holds the values
+File format (PEFT's): the embedding's path + ``adapter_weights.TOKENS_SUFFIX`` holds the values
 (shape ``(len(ids), dim)``). A tied output layer (``lm_head.weight is embed_tokens.weight``)
 follows the embedding's adapter and saves nothing of its own, as in PEFT.
 """
@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from lorakit.core.layers import LoraLayer
 from lorakit.core.routing import Routed
 from lorakit.errors import AdapterError, ConfigError
-
-SUFFIX = "token_adapter.trainable_tokens_delta"
 
 
 class TrainableTokens(Routed, nn.Module):

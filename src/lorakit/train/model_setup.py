@@ -7,7 +7,6 @@ rebuild the model and lay prompts out as training did.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import warnings
@@ -24,20 +23,6 @@ from lorakit.train.presets import load_base, save_base
 log = logging.getLogger(__name__)
 META_NAME = "training_meta.json"
 
-
-def check_quant_available(cfg: TrainConfig) -> None:
-    """quant.method: nf4 needs lorakit.quantize_model; say so before any model loads."""
-    if cfg.quant.method == "none":
-        return
-    try:
-        quant = importlib.import_module("lorakit.quant")
-    except ImportError:
-        quant = None
-    if not hasattr(quant, "quantize_model"):
-        raise ConfigError(
-            f"quant.method: {cfg.quant.method} needs lorakit.quantize_model, which this lorakit build does not "
-            "provide yet; set quant.method: none"
-        )
 
 
 def quantize_base(base: torch.nn.Module, quant: dict[str, Any] | None) -> torch.nn.Module:

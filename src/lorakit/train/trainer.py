@@ -34,7 +34,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, epoch_batches, pad_id
 from lorakit.train.evaluate import autocast, evaluate, summed_loss
 from lorakit.train.interrupt import StopSignals, TrainingInterrupted
-from lorakit.train.model_setup import build_model, check_quant_available, write_final
+from lorakit.train.model_setup import build_model, write_final
 from lorakit.train.optim import Schedule, build_optimizer
 from lorakit.train.plots import MetricsLog, plot_losses
 from lorakit.train.prepare import Prepared, prepare_data, targets
@@ -117,7 +117,6 @@ class Trainer:
     def _run(self, info: distributed.DistInfo) -> RunResult:
         cfg, tc = self.cfg, self.cfg.train
         run_dir = Path(tc.output_dir)
-        check_quant_available(cfg)
         if info.is_main:
             ckpt.check_run_dir(run_dir, 16 << 20)
             ckpt.remove_partial(run_dir)
@@ -422,10 +421,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> 
 
 def variant_hooks(model: Any, seed: int) -> list[Any]:
     """Per-step hooks of variant adapters (AdaLoRA budget, DyLoRA rank draw); none for plain LoRA."""
-    try:
-        from lorakit.core.variants import training_hooks
-    except ImportError:  # a build without variants
-        return []
+    from lorakit.core.variants import training_hooks
+
     return list(training_hooks(model, seed=seed))
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from lorakit.core.adapter_weights import TargetWeights, scaling
 from lorakit.core.routing import FactorPool, Routed, RowRouting
 from lorakit.errors import AdapterError
 
@@ -41,11 +42,13 @@ class LoraAdapter(nn.Module):
     custom_math = False
 
     def __init__(self, a_shape: Sequence[int], b_shape: Sequence[int], rank: int, alpha: float,
-                 scaling: float, dropout: float):
+                 dropout: float, rule: str = "lora", scale_rank: float | None = None):
         super().__init__()
         self.rank = rank
         self.alpha = alpha
-        self.scaling = scaling
+        self.rule = rule  # the scaling rule (lorakit.core.adapter_weights.scaling)
+        # one place computes it; a float attribute so the hot paths don't call a function
+        self.scaling = scaling(alpha, scale_rank if scale_rank is not None else rank, rule)
         self.lora_a = nn.Parameter(torch.empty(*a_shape))
         self.lora_b = nn.Parameter(torch.empty(*b_shape))
         # nn.Identity when p == 0 so the input is never copied (torchtune does the same)
@@ -57,9 +60,17 @@ class LoraAdapter(nn.Module):
     def setup(self, layer: LoraLayer, config) -> None:
         """Called once right after the adapter is added to `layer` (variants create extra tensors here)."""
 
-    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
-        """attribute -> PEFT's tensor-name suffix (variants add their extra tensors)."""
-        return dict(layer.peft_keys)
+    def tensor_roles(self) -> dict[str, str]:
+        """role -> attribute for every tensor this adapter saves (variants add theirs).
+
+        Roles are :class:`~lorakit.core.adapter_weights.TargetWeights`' names; the adapter type
+        turns them into PEFT's key names.
+        """
+        return {"lora_a": "lora_a", "lora_b": "lora_b"}
+
+    def scaling_rank(self) -> float | torch.Tensor:
+        """The rank the scaling rule divides by (AdaLoRA: its ranknum)."""
+        return self.rank
 
     # The four hooks a variant overrides. `layer` supplies the geometry (project_a/b, delta_from).
     def delta(self, layer: LoraLayer) -> torch.Tensor:
@@ -85,10 +96,13 @@ class LoraAdapter(nn.Module):
 
 
 class LoraLayer(Routed, nn.Module):
-    """A base module wrapped with any number of named LoRA adapters."""
+    """A base module wrapped with any number of named LoRA adapters.
 
-    # PEFT's tensor-name suffixes for lora_a / lora_b (without the module path)
-    peft_keys: dict[str, str] = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+    Args:
+        base: the module to wrap; its parameters are frozen (nested LoRA wrappers' adapters are not).
+    """
+
+    kind = "linear"  # TargetWeights.kind of this layer's adapters
     # project_a/project_b are plain x·Aᵀ / u·Bᵀ on the last axis: the routed forward may gather per row
     row_gather = False
 
@@ -156,12 +170,29 @@ class LoraLayer(Routed, nn.Module):
         weight.data.copy_((weight.data.float() + delta.float()).to(weight.dtype))
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, rank: int, alpha: float, scaling: float, dropout: float,
-                    init: bool | str = True, adapter_cls: type[LoraAdapter] = LoraAdapter) -> LoraAdapter:
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0, init: bool | str = True,
+                    adapter_cls: type[LoraAdapter] = LoraAdapter, rule: str = "lora",
+                    scale_rank: float | None = None) -> LoraAdapter:
+        """Add adapter `name` with fresh factors (B = 0 by default, so ΔW = 0) and return it.
+
+        Args:
+            name: the adapter's name (unique on this layer).
+            rank: r, the number of rows of A.
+            alpha: lora_alpha; the scaling follows from alpha, the rank and `rule`.
+            dropout: dropout probability on the LoRA path's input (0: none, no copy of the input).
+            init: ``True``/``"kaiming"`` (A Kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r)),
+                ``False`` (both random: a non-zero ΔW, for tests), ``"orthogonal"`` (both zero here;
+                the variant's init fills them).
+            adapter_cls: the adapter class (a variant from ``lorakit.core.variants``).
+            rule: the scaling rule: ``"lora"`` (α/r), ``"rslora"`` (α/√r), ``"adalora"``.
+            scale_rank: the rank the rule divides by when it is not `rank` (AdaLoRA's init_r).
+
+        Values from a file go in afterwards with :meth:`import_adapter`.
+        """
         if name in self.adapters:
             raise AdapterError(f"this layer already has an adapter named {name!r}")
         a_shape, b_shape = self.adapter_shapes(rank)
-        adapter = adapter_cls(a_shape, b_shape, rank, alpha, scaling, dropout)
+        adapter = adapter_cls(a_shape, b_shape, rank, alpha, dropout, rule, scale_rank)
         adapter.to(**self.adapter_placement())
         adapter.train(self.training)
         self.reset_adapter(adapter, init)
@@ -183,6 +214,39 @@ class LoraLayer(Routed, nn.Module):
             nn.init.kaiming_uniform_(adapter.lora_b, a=math.sqrt(5))
         else:
             nn.init.zeros_(adapter.lora_b)
+
+    def export_adapter(self, name: str, path: str = "") -> TargetWeights:
+        """Adapter `name` on this layer as a :class:`TargetWeights` holding the live tensors (no copy).
+
+        Args:
+            name: the adapter.
+            path: the target's path as PEFT spells it (the layer doesn't know where it sits).
+        """
+        adapter = self.adapters[name]
+        roles = {role: getattr(adapter, attr) for role, attr in adapter.tensor_roles().items()}
+        return TargetWeights(
+            path=path, kind=self.kind, lora_a=roles.pop("lora_a"), lora_b=roles.pop("lora_b"), alpha=adapter.alpha,
+            rule=adapter.rule, extra=roles, fan_in_fan_out=bool(getattr(self, "fan_in_fan_out", False)),
+            groups=int(getattr(self, "groups", 1)),
+            scale_rank=adapter.scaling_rank() if adapter.scaling_rank() is not adapter.rank else None)
+
+    @torch.no_grad()
+    def import_adapter(self, name: str, weights: TargetWeights) -> None:
+        """Copy `weights`' tensors into adapter `name` (every shape is checked before the first copy)."""
+        adapter = self.adapters[name]
+        given = weights.roles()
+        roles = adapter.tensor_roles()
+        unknown = sorted(set(given) - set(roles))
+        if unknown:
+            raise AdapterError(f"{weights.path or name}: this layer's {type(adapter).__name__} has no {unknown[0]!r} "
+                               "tensor; the weights are for another variant")
+        pairs = [(getattr(adapter, roles[r]), t) for r, t in given.items()]
+        for (ref, value), role in zip(pairs, given):
+            if tuple(ref.shape) != tuple(value.shape):
+                raise AdapterError(f"{weights.path or name}: {role} is {tuple(value.shape)} but this layer's adapter "
+                                   f"holds {tuple(ref.shape)}")
+        for ref, value in pairs:
+            ref.copy_(value.to(dtype=ref.dtype, device=ref.device))
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:

@@ -6,7 +6,7 @@ Because B is pointwise, the composition is one conv with weight einsum('or,r...-
 which is the merged delta.
 
 A runs with the base's stride and padding only — dilation 1 and zero padding whatever the base
-uses — because that is what PEFT's ``lora_A`` conv does, and a PEFT adapter must give PEFT's
+uses — because that is what PEFT's A conv does, and a PEFT adapter must give PEFT's
 outputs. For a dilated conv or a non-zero ``padding_mode`` the LoRA path is then not the base conv
 with a changed kernel, so merging such an adapter is refused (MergeError) rather than inexact.
 
@@ -28,6 +28,8 @@ from lorakit.errors import MergeError, TargetModuleError
 
 
 class LoraConv(LoraLayer):
+    kind = "conv"
+
     def __init__(self, base: nn.modules.conv._ConvNd):
         if base.transposed:
             raise TargetModuleError("LoRA on transposed convolutions is not supported; exclude this layer")
@@ -57,7 +59,8 @@ class LoraConv(LoraLayer):
         ones = [1] * len(kernel)
         return (rank, self.in_features, *kernel), (self.out_features, rank // self.groups, *ones)
 
-    def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=LoraAdapter):
+    def add_adapter(self, name, rank, alpha, dropout=0.0, init=True, adapter_cls=LoraAdapter, rule="lora",
+                    scale_rank=None):
         if adapter_cls.custom_math and self._unmergeable_reason():
             what = (f"a grouped convolution (groups={self.groups})" if self.groups > 1
                     else "a conv with dilation or a non-zero padding_mode")
@@ -65,10 +68,10 @@ class LoraConv(LoraLayer):
                 f"{adapter_cls.__name__} is not available on {what}: its weight-space math needs a mergeable "
                 "delta, which this conv's LoRA path doesn't have. Use plain LoRA on this layer or exclude it"
             )
-        return super().add_adapter(name, rank, alpha, scaling, dropout, init, adapter_cls)
+        return super().add_adapter(name, rank, alpha, dropout, init, adapter_cls, rule, scale_rank)
 
     def project_a(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        # PEFT's lora_A: a conv with the base's kernel, stride and padding, but dilation 1, zero
+        # PEFT's A: a conv with the base's kernel, stride and padding, but dilation 1, zero
         # padding and no groups, whatever the base uses: (N, in, *S) -> (N, r, *S')
         return self._functional(x, a, None, self.base.stride, self.base.padding)
 

@@ -16,7 +16,7 @@ from lorakit.core.layers.base import LoraAdapter, LoraLayer
 
 
 class LoraEmbedding(LoraLayer):
-    peft_keys = {"lora_a": "lora_embedding_A", "lora_b": "lora_embedding_B"}
+    kind = "embedding"
 
     @property
     def in_features(self) -> int:
@@ -26,8 +26,9 @@ class LoraEmbedding(LoraLayer):
     def out_features(self) -> int:
         return self.base.embedding_dim
 
-    def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=LoraAdapter):
-        return super().add_adapter(name, rank, alpha, scaling, 0.0, init, adapter_cls)
+    def add_adapter(self, name, rank, alpha, dropout=0.0, init=True, adapter_cls=LoraAdapter, rule="lora",
+                    scale_rank=None):
+        return super().add_adapter(name, rank, alpha, 0.0, init, adapter_cls, rule, scale_rank)
 
     @torch.no_grad()
     def reset_adapter(self, adapter: LoraAdapter, init: bool | str) -> None:

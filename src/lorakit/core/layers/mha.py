@@ -15,8 +15,8 @@ around each forward; here the effective weights are passed through ``torch.func.
 so the base weights are never touched (no drift from merge/unmerge rounding) and outputs are
 bit-identical to PEFT's.
 
-File keys (PEFT's): ``<mha>.lora_A.weight``, ``<mha>.lora_B.weight``,
-``<mha>.base_layer.out_proj.lora_A.weight``, ``<mha>.base_layer.out_proj.lora_B.weight``.
+File keys (PEFT's, see ``lorakit.core.adapter_weights``): the in_proj pair under the module's
+path, the out_proj pair under the inner module's ``out_proj``.
 
 Only packed q/k/v (``_qkv_same_embed_dim``, the default) is supported, like in PEFT. LoRA dropout
 doesn't apply (the adapter acts on weights; PEFT ignores it too). A per-row adapter choice runs
@@ -45,15 +45,14 @@ class MhaAdapter(LoraAdapter):
 
     custom_math = True
 
-    def __init__(self, a_shape, b_shape, rank, alpha, scaling, dropout):
-        super().__init__(a_shape, b_shape, rank, alpha, scaling, 0.0)
+    def __init__(self, a_shape, b_shape, rank, alpha, dropout, rule="lora", scale_rank=None):
+        super().__init__(a_shape, b_shape, rank, alpha, 0.0, rule, scale_rank)
         embed_dim = a_shape[1]
         self.out_a = nn.Parameter(torch.empty(rank, embed_dim))
         self.out_b = nn.Parameter(torch.empty(embed_dim, rank))
 
-    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
-        return {**layer.peft_keys, "out_a": "base_layer.out_proj.lora_A.weight",
-                "out_b": "base_layer.out_proj.lora_B.weight"}
+    def tensor_roles(self) -> dict[str, str]:
+        return {**super().tensor_roles(), "out_a": "out_a", "out_b": "out_b"}
 
     def delta(self, layer: LoraLayer) -> torch.Tensor:
         """The in_proj delta s·B·A (3E, E) in fp32; see :meth:`out_delta` for out_proj."""
@@ -96,6 +95,8 @@ class MhaAdapter(LoraAdapter):
 class LoraMultiheadAttention(LoraLayer):
     """A MultiheadAttention with LoRA on its packed q/k/v projection and its output projection."""
 
+    kind = "mha"
+
     def __init__(self, base: nn.MultiheadAttention):
         if not base._qkv_same_embed_dim:
             raise TargetModuleError(
@@ -129,7 +130,8 @@ class LoraMultiheadAttention(LoraLayer):
                 raise
             return getattr(self.base, name)  # embed_dim, num_heads, batch_first, in_proj_weight, ...
 
-    def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=LoraAdapter):
+    def add_adapter(self, name, rank, alpha, dropout=0.0, init=True, adapter_cls=LoraAdapter, rule="lora",
+                    scale_rank=None):
         if adapter_cls is not LoraAdapter:
             raise TargetModuleError(
                 f"{adapter_cls.__name__} is not available on nn.MultiheadAttention (PEFT supports plain LoRA there "
@@ -143,7 +145,7 @@ class LoraMultiheadAttention(LoraLayer):
         if dropout:
             warnings.warn(f"lora_dropout={dropout} is ignored on nn.MultiheadAttention: its LoRA acts on weights, "
                           "not inputs (PEFT ignores it there too)", stacklevel=3)
-        return super().add_adapter(name, rank, alpha, scaling, 0.0, init, MhaAdapter)
+        return super().add_adapter(name, rank, alpha, 0.0, init, MhaAdapter, rule, scale_rank)
 
     @torch.no_grad()
     def reset_adapter(self, adapter: LoraAdapter, init: bool | str) -> None:

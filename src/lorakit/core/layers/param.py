@@ -18,11 +18,13 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from lorakit.core.layers.base import LoraLayer
+from lorakit.core.layers.base import LoraAdapter, LoraLayer
 from lorakit.errors import TargetModuleError
 
 
 class LoraParameter(LoraLayer):
+    kind = "param"
+
     def __init__(self, base: nn.Module, param_name: str):
         target = innermost(base)
         weight = getattr(target, param_name, None)
@@ -53,15 +55,15 @@ class LoraParameter(LoraLayer):
     def base_weight(self) -> torch.Tensor:
         return getattr(self.target, self.param_name)
 
-    def add_adapter(self, name, rank, alpha, scaling, dropout, init=True, adapter_cls=None):
+    def add_adapter(self, name, rank, alpha, dropout=0.0, init=True, adapter_cls=LoraAdapter, rule="lora",
+                    scale_rank=None):
         if dropout:
             warnings.warn(
                 f"lora_dropout={dropout} is ignored for the raw parameter {self.param_name!r}: dropout acts on "
                 "inputs, and this LoRA acts on a weight",
                 stacklevel=3,
             )
-        kwargs = {} if adapter_cls is None else {"adapter_cls": adapter_cls}
-        return super().add_adapter(name, rank, alpha, scaling, 0.0, init, **kwargs)
+        return super().add_adapter(name, rank, alpha, 0.0, init, adapter_cls, rule, scale_rank)
 
     def delta_from(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return b @ a  # (out, in)
@@ -98,7 +100,3 @@ def innermost(module: nn.Module) -> nn.Module:
         module = module.base
     return module
 
-
-def check_param_target(module: nn.Module, param_name: str) -> None:
-    if param_name not in dict(innermost(module).named_parameters(recurse=False)):
-        raise TargetModuleError(f"{type(module).__name__} has no parameter {param_name!r}")

@@ -4,7 +4,7 @@
 variant             how to ask for it                      file
 ==================  =====================================  =========================================
 DoRA                ``LoraConfig(use_dora=True)``          dora.py
-rsLoRA              ``LoraConfig(use_rslora=True)``        (scaling α/√r in config.py)
+rsLoRA              ``LoraConfig(use_rslora=True)``        (scaling α/√r in adapter_weights.py)
 PiSSA               ``init_lora_weights="pissa"`` or       pissa.py
                     ``"pissa_niter_K"``
 LoRA+               ``loraplus.param_groups(model, ...)``  loraplus.py

@@ -1,33 +1,32 @@
 """AdaLoRA (Zhang et al. 2023): LoRA in SVD form whose rank budget is re-allocated while training.
 
-    ΔW = P·(Λ ⊙ Q)·α / (ranknum + 1e-5)       P = B (out, r), Λ = E (r, 1), Q = A (r, in)
+    ΔW = s · P·(Λ ⊙ Q)       P = B (out, r), Λ = E (r, 1), Q = A (r, in)
 
-exactly as PEFT computes it (``ranknum`` is the layer's initial rank ``init_r``; pruned triplets
+exactly as PEFT computes it, s being AdaLoRA's rule in ``adapter_weights.scaling``: α divided by
+``ranknum`` (the layer's initial rank ``init_r``, plus PEFT's 1e-5 guard); pruned triplets
 have Λ = 0). Training adds the orthogonality penalty :func:`orthogonal_loss` to the loss and calls
 :class:`~lorakit.core.variants.adalora_budget.AdaLoraController` after each optimizer step; it masks
 the least important triplets on a cubic budget schedule and records ``rank_pattern``.
 
-File format = PEFT's: tensors ``<module>.lora_A`` (r × in), ``.lora_E`` (r × 1), ``.lora_B``
-(out × r) with no ``.weight`` suffix, pruned triplets dropped; ``rank_pattern`` in the config maps
-``<module>.lora_E`` to a list of ``init_r`` booleans (True = kept), so the file's rank per layer
-is the number of True entries.
+File format = PEFT's (key names in ``lorakit.core.adapter_weights``): A (r × in), E (r × 1) and
+B (out × r), pruned triplets dropped; ``rank_pattern`` in the config maps each module's E key
+(``adalora_mask_key``) to a list of ``init_r`` booleans (True = kept), so the file's rank per
+layer is the number of True entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from lorakit.core.adapter_weights import apply_scaling, is_adalora_mask_key
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers import LoraAdapter, LoraLayer, LoraLinear
 from lorakit.errors import ConfigError, TargetModuleError
-
-RANKNUM_EPS = 1e-5  # PEFT's guard: scaling = α / (ranknum + 1e-5)
 
 
 @dataclass
@@ -43,7 +42,7 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85  # EMA factor of its uncertainty |I − Ī|
     orth_reg_weight: float = 0.5  # weight of the orthogonality penalty on P and Q
     total_step: int | None = None  # training steps in total (the schedule needs it)
-    rank_pattern: dict[str, Any] = field(default_factory=dict)  # "<module>.lora_E" -> init_r booleans
+    rank_pattern: dict[str, Any] = field(default_factory=dict)  # adalora_mask_key(module) -> init_r booleans
     peft_type: str = "ADALORA"
 
     def __post_init__(self) -> None:
@@ -86,9 +85,9 @@ class AdaLoraConfig(LoraConfig):
         return "ADALORA"
 
     def mask_for(self, module_name: str) -> list[bool] | None:
-        """The saved keep-mask of this module (PEFT key ``<module>.lora_E``), if any."""
+        """The saved keep-mask of this module (under its ``adalora_mask_key``), if any."""
         for key, mask in self.rank_pattern.items():
-            if re.fullmatch(rf"{re.escape(module_name)}\.lora_E(\.[^.]+)?", key):
+            if is_adalora_mask_key(key, module_name):
                 return mask
         return None
 
@@ -96,8 +95,11 @@ class AdaLoraConfig(LoraConfig):
         mask = self.mask_for(module_name)
         return self.init_r if mask is None else sum(mask)
 
-    def scaling_for(self, module_name: str) -> float:
-        return self.alpha_for(module_name) / (self.init_r + RANKNUM_EPS)
+    def scaling_rule(self) -> str:
+        return "adalora"
+
+    def scale_rank_for(self, module_name: str) -> float:
+        return self.init_r  # AdaLoRA divides by the initial rank however many triplets are kept
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -153,18 +155,21 @@ class AdaLoraAdapter(LoraAdapter):
     def saved_b(self) -> torch.Tensor:
         return self.lora_b if bool(self.kept.all()) else self.lora_b[:, self.kept]
 
-    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
-        return {"saved_a": "lora_A", "saved_e": "lora_E", "saved_b": "lora_B"}
+    def tensor_roles(self) -> dict[str, str]:
+        return {"lora_a": "saved_a", "lora_e": "saved_e", "lora_b": "saved_b"}
+
+    def scaling_rank(self) -> torch.Tensor:
+        return self.ranknum
 
     def delta(self, layer: LoraLayer) -> torch.Tensor:
-        """ΔW = B·(A ⊙ E)·α / (ranknum + 1e-5), fp32, in the base weight's layout."""
+        """ΔW = s · B·(A ⊙ E) (AdaLoRA's scaling rule), fp32, in the base weight's layout."""
         product = layer.delta_from((self.lora_a * self.lora_e).float(), self.lora_b.float())
-        return product * self.alpha / (self.ranknum + RANKNUM_EPS)
+        return apply_scaling(product, self.alpha, self.ranknum, "adalora")
 
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         x = layer.cast_input(x, self.lora_a.dtype)
         u = layer.project_a(self.dropout(x), self.lora_a * self.lora_e)  # (..., r)
-        y = layer.project_b(u, self.lora_b) * self.alpha / (self.ranknum + RANKNUM_EPS)  # (..., out)
+        y = apply_scaling(layer.project_b(u, self.lora_b), self.alpha, self.ranknum, "adalora")  # (..., out)
         return (result + y).to(result.dtype)  # PEFT's in-place `result +=`: summed in fp32, rounded once
 
     @torch.no_grad()

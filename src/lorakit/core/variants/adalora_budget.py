@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.core.adapter_weights import adalora_mask_key
 from lorakit.core.variants.adalora import (
     AdaLoraAdapter,
     AdaLoraConfig,
@@ -121,7 +122,7 @@ class AdaLoraController:
         return self.rank_pattern()
 
     def rank_pattern(self) -> dict[str, list[bool]]:
-        """``<path>.lora_E`` -> kept flags over the layer's initial rank (PEFT's config format)."""
+        """``adalora_mask_key(path)`` -> kept flags over the layer's initial rank (PEFT's config format)."""
         pattern = {}
         for path, adapter in self.layers:
             kept = adapter.kept.tolist()
@@ -129,7 +130,7 @@ class AdaLoraController:
             if loaded is not None:  # spread the current flags over the True slots of the loaded mask
                 it = iter(kept)
                 kept = [next(it) if slot else False for slot in loaded]
-            pattern[f"{path}.lora_E"] = kept
+            pattern[adalora_mask_key(path)] = kept
         return pattern
 
     # ------------------------------------------------------------------ the trainer's hook

@@ -2,8 +2,8 @@
 
 The SVD triplets are flat matrices over the whole kernel (PEFT's layout and file format):
 
-    Q = lora_A (r, in·kh·kw),  Λ = lora_E (r, 1),  P = lora_B (out, r)
-    ΔW = (P·(Q ⊙ Λ) · α / (ranknum + 1e-5)).reshape(out, in, kh, kw)
+    Q = A (r, in·kh·kw),  Λ = E (r, 1),  P = B (out, r)
+    ΔW = (s · P·(Q ⊙ Λ)).reshape(out, in, kh, kw)      s: AdaLoRA's rule in adapter_weights.scaling
 
 and the layer output is ``conv(x, W) + conv(dropout(x), ΔW)`` with the base's stride, padding
 and dilation (zero padding, as PEFT). The budget schedule, the orthogonality penalty and the
@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.core.adapter_weights import apply_scaling
 from lorakit.core.layers import LoraConv, LoraLayer
-from lorakit.core.variants.adalora import RANKNUM_EPS, AdaLoraAdapter, AdaLoraConfig
+from lorakit.core.variants.adalora import AdaLoraAdapter, AdaLoraConfig
 from lorakit.errors import TargetModuleError
 
 
@@ -39,12 +40,12 @@ class AdaLoraConvAdapter(AdaLoraAdapter):
     def delta(self, layer: LoraLayer) -> torch.Tensor:
         """ΔW in the kernel's shape (out, in, kh, kw), fp32."""
         product = self.lora_b.float() @ (self.lora_a * self.lora_e).float()
-        return (product * self.alpha / (self.ranknum + RANKNUM_EPS)).reshape(layer.base.weight.shape)
+        return apply_scaling(product, self.alpha, self.ranknum, "adalora").reshape(layer.base.weight.shape)
 
     def output(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = layer.base
         x = layer.cast_input(x, self.lora_a.dtype)
-        kernel = (self.lora_b @ (self.lora_a * self.lora_e) * self.alpha
-                  / (self.ranknum + RANKNUM_EPS)).reshape(base.weight.shape)  # PEFT's order of operations
+        kernel = apply_scaling(self.lora_b @ (self.lora_a * self.lora_e), self.alpha, self.ranknum,
+                               "adalora").reshape(base.weight.shape)  # PEFT's order of operations
         y = F.conv2d(self.dropout(x), kernel, stride=base.stride, padding=base.padding, dilation=base.dilation)
         return (result + y).to(result.dtype)  # PEFT's in-place `result +=`: summed in fp32, rounded once

@@ -5,7 +5,7 @@
 so the layer output is ``h = base(x) + (f - 1)·W0·x + f·s·B·A·x`` with ``f = m / ‖W0 + s·BA‖``
 (PEFT's form, which reuses the base output instead of a second matmul with W0). The norm is
 detached from the autograd graph (DoRA §4.3), the magnitude ``m`` starts at the row norms of
-``W0 + s·BA`` (= ‖W0‖ with B = 0) and is saved as ``<module>.lora_magnitude_vector``.
+``W0 + s·BA`` (= ‖W0‖ with B = 0) and is saved in the role ``magnitude`` (PEFT's magnitude vector).
 
 "Output unit" means a row of a Linear weight (a column of GPT-2's Conv1D), an output channel
 of a Conv, and an embedding dimension of an Embedding (PEFT normalises the embedding matrix over
@@ -64,8 +64,8 @@ class DoraAdapter(LoraAdapter):
         self.lora_magnitude = nn.Parameter(norm.reshape(shape).to(self.lora_a.dtype))
         self.merged_norm: torch.Tensor | None = None  # ‖W0 + s·BA‖ at merge time, for an exact unmerge
 
-    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
-        return {**layer.peft_keys, "lora_magnitude": "lora_magnitude_vector"}
+    def tensor_roles(self) -> dict[str, str]:
+        return {**super().tensor_roles(), "magnitude": "lora_magnitude"}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

@@ -13,12 +13,12 @@ is a lorakit-only key): PEFT loads it as the full-rank adapter, whose scaling α
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from lorakit.core.adapter_weights import scaling
 from lorakit.core.layers import LoraAdapter, LoraLayer
 from lorakit.errors import ConfigError
 
@@ -29,7 +29,6 @@ class DyLoraAdapter(LoraAdapter):
     custom_math = True
 
     def setup(self, layer: LoraLayer, config) -> None:
-        self.use_rslora = bool(config.use_rslora)
         self.active_rank = self.rank  # used in eval mode and by merge
         self.train_rank = self.rank  # used in training mode; the controller re-draws it every step
         self.merged_rank: int | None = None
@@ -38,7 +37,7 @@ class DyLoraAdapter(LoraAdapter):
         return f"rank={self.rank}, active_rank={self.active_rank}, alpha={self.alpha}, dylora=True"
 
     def scaling_at(self, b: int) -> float:
-        return self.alpha / math.sqrt(b) if self.use_rslora else self.alpha / b
+        return scaling(self.alpha, b, self.rule)
 
     def current_rank(self) -> int:
         return min(self.train_rank if self.training else self.active_rank, self.rank)

@@ -1,10 +1,10 @@
-"""``lora_bias=True`` (PEFT): lora_B carries a trainable bias, scaled like the rest of the path.
+"""``lora_bias=True`` (PEFT): B carries a trainable bias, scaled like the rest of the path.
 
     h = base(x) + scaling · (B·A·dropout(x) + b)
 
 computed as PEFT does, ``F.linear(u, B, b) * scaling`` (one fused addmm), so outputs are
 bit-identical. Merging adds ``scaling·b`` to the base layer's bias (the base must have one,
-as in PEFT); the file key is ``<module>.lora_B.bias``. Linear and Conv layers only: PEFT refuses
+as in PEFT); it is saved in the role ``lora_b_bias`` (PEFT's B bias). Linear and Conv layers only: PEFT refuses
 it for Embedding layers and raw parameters, and so does lorakit.
 """
 
@@ -36,14 +36,14 @@ class LoraBiasAdapter(LoraAdapter):
             with torch.no_grad():
                 self.lora_b_bias.uniform_(-bound, bound)
 
-    def peft_keys(self, layer: LoraLayer) -> dict[str, str]:
-        return {**layer.peft_keys, "lora_b_bias": "lora_B.bias"}
+    def tensor_roles(self) -> dict[str, str]:
+        return {**super().tensor_roles(), "lora_b_bias": "lora_b_bias"}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", lora_bias=True"
 
     def _project_b(self, layer: LoraLayer, u: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, LoraConv):  # PEFT's lora_B: a 1×1 conv with the base's groups
+        if isinstance(layer, LoraConv):  # PEFT's B: a 1×1 conv with the base's groups
             return layer._functional(u, self.lora_b, self.lora_b_bias, 1, 0, 1, getattr(layer.base, "groups", 1))
         return F.linear(u, self.lora_b, self.lora_b_bias)
 

@@ -25,9 +25,10 @@ import warnings
 
 import torch
 
+from lorakit.core.adapter_weights import normalise_key
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers import LoraAdapter, LoraLayer
-from lorakit.core.state_dict import _normalise_key, adapter_tensor_refs
+from lorakit.core.state_dict import adapter_tensor_refs
 from lorakit.errors import ConfigError
 
 
@@ -78,7 +79,7 @@ def prepare_load(model: torch.nn.Module, config: LoraConfig, tensors: dict[str, 
     for module in inner.modules():
         if isinstance(module, LoraLayer) and owner in module.adapters:
             owner_a.add(id(module.adapters[owner].lora_a))
-    given = {_normalise_key(k): v for k, v in tensors.items()}
+    given = {normalise_key(k): v for k, v in tensors.items()}
     for key, ref in adapter_tensor_refs(inner, owner).items():
         if id(ref) in owner_a and not (key in given and torch.equal(given[key].to(ref.device, ref.dtype), ref.detach())):
             warnings.warn(f"this adapter's A differs from {owner!r}'s (e.g. {key}); loading it standalone",
