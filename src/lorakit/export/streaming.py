@@ -96,30 +96,44 @@ def _places(modules: list[nn.Module]) -> dict[int, list[tuple[nn.Module, str, bo
     return where
 
 
-@contextlib.contextmanager
-def _adapters_on_cpu() -> Iterator[None]:
-    """New adapter factors go to the CPU even when the base layer is on the meta device."""
+def _patched(name: str, wrap: Callable[[Callable], Callable]) -> list[tuple[type, Callable]]:
+    """Replace method `name` on LoraLayer and every subclass defining its own; returns what to put back."""
     classes, stack = [], [LoraLayer]
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if "adapter_placement" in cls.__dict__:
-            classes.append(cls)
-    originals = {cls: cls.__dict__["adapter_placement"] for cls in classes}
+        if name in cls.__dict__:
+            classes.append((cls, cls.__dict__[name]))
+    for cls, original in classes:
+        setattr(cls, name, wrap(original))
+    return classes
 
-    def patch(original: Callable) -> Callable:
-        def placement(self) -> dict:
+
+@contextlib.contextmanager
+def _adapters_on_cpu() -> Iterator[None]:
+    """While adapters are added to a meta-device base: their tensors go to the CPU, and the base weight
+    reads as zeros (a broadcast scalar: no memory) for what a variant computes from it at setup, e.g.
+    DoRA's magnitude; every such tensor is then overwritten from the adapter file (checked by
+    ``_materialise_adapter``: one the file doesn't fill refuses streaming)."""
+
+    def placement(original: Callable) -> Callable:
+        def adapter_placement(self) -> dict:
             where = original(self)
             return {**where, "device": torch.device("cpu")} if torch.device(where["device"]).type == "meta" else where
-        return placement
+        return adapter_placement
 
-    for cls, original in originals.items():
-        cls.adapter_placement = patch(original)
+    def weight(original: Callable) -> Callable:
+        def base_weight(self) -> torch.Tensor:
+            w = original(self)
+            return torch.zeros((), dtype=w.dtype).expand(w.shape) if w.is_meta else w
+        return base_weight
+
+    restore = _patched("adapter_placement", placement) + _patched("base_weight", weight)
     try:
         yield
     finally:
-        for cls, original in originals.items():
-            cls.adapter_placement = original
+        for cls, original in restore:
+            setattr(cls, original.__name__, original)
 
 
 class StreamingMerge:
