@@ -92,6 +92,13 @@ def test_streaming_equals_in_memory_weighted_bf16_sharded(tmp_path):
     assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 2
 
 
+def test_streaming_equals_in_memory_without_generation_config(tmp_path):
+    base = save_base(tmp_path / "base")
+    (base / "generation_config.json").unlink()  # from_pretrained then derives one from config.json
+    adapter = _adapter(base, tmp_path / "adapter", lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    _assert_same_output(base, [adapter], tmp_path)
+
+
 def test_streaming_equals_in_memory_gpt2_conv1d_with_biases(tmp_path):
     base = tmp_path / "base"
     tiny_gpt2(0).save_pretrained(base)

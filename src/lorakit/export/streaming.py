@@ -152,7 +152,7 @@ class StreamingMerge:
         skeleton = skeleton.float().eval()  # the in-memory path merges in fp32 (meta: no memory)
         if getattr(dense, "tie_word_embeddings", False):
             skeleton.tie_weights()
-        self._load_generation_config(skeleton, base_dir)
+        self._load_generation_config(skeleton, base_dir, hasattr(config, "quantization_config"))
         self.ckpt_key = self._checkpoint_keys(skeleton)  # id(base tensor) -> checkpoint key
         self.layers, self.tokens, self.final = self._load_adapters(skeleton, adapter_dirs, weights)
         if not hasattr(config, "quantization_config"):
@@ -164,11 +164,14 @@ class StreamingMerge:
 
     # ------------------------------------------------------------------ planning
     @staticmethod
-    def _load_generation_config(model: nn.Module, base_dir: Path) -> None:
-        if (base_dir / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(base_dir)
+    def _load_generation_config(model: nn.Module, base_dir: Path, quantized: bool) -> None:
+        """The generation config from_pretrained gives the in-memory path's model (the 4-bit path builds its
+        model from the config, as here, and keeps the one made from it)."""
+        if quantized or not (hasattr(model, "adjust_generation_fn") and model.can_generate()):
+            return
+        model.adjust_generation_fn(None, False, False, base_dir, cache_dir=None, force_download=False, proxies=None,
+                                   local_files_only=True, token=None, revision=None, subfolder="",
+                                   trust_remote_code=False)
 
     def _checkpoint_keys(self, skeleton: nn.Module) -> dict[int, str]:
         """id(model tensor) -> its checkpoint key; NotStreamable unless names match one to one."""

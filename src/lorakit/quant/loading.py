@@ -92,7 +92,9 @@ class TensorReader:
 
     def get(self, key: str) -> torch.Tensor:
         with self._open(self.where[key], framework="pt") as fh:
-            return fh.get_tensor(key)
+            # a copy: the tensor safetensors returns keeps the whole file's mapping alive as long as it lives
+            # (address space and, once touched, resident pages), which one open per tensor is meant to avoid
+            return fh.get_tensor(key).clone()
 
     def quantized(self) -> list[str]:
         """The packed 4-bit tensors' keys (those with a bitsandbytes quant_state)."""
