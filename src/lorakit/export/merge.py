@@ -363,7 +363,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "merge", help="merge adapters into the base and save a plain transformers checkpoint",
         description="Fold one or more LoRA adapters into the base weights (W + Σ w·ΔW) and write a full "
                     "safetensors checkpoint that loads with AutoModel*.from_pretrained, or with --format gguf one GGUF "
-                    "file for llama.cpp / Ollama (Llama-family bases). Atomic: a failed merge leaves no output.")
+                    "file for llama.cpp / Ollama (Llama-family bases). Safetensors output is streamed: the base is "
+                    "read, merged and written one tensor / shard at a time (peak memory about twice the largest "
+                    "shard plus the adapters). Atomic: a failed or killed merge leaves no partial output.")
     p.add_argument("--base", required=True, help="base model: checkpoint folder (4-bit bnb format ok), preset "
                    "(smollm2-135m-instruct, minilm) or Hugging Face id")
     p.add_argument("--adapter", required=True, action="append", help="PEFT-format adapter folder (repeatable)")
@@ -376,11 +378,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gguf-type", choices=GGUF_TYPE_CHOICES, default="f16",
                    help="--format gguf: storage of the 2-D weights (default f16; norms stay f32)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's; safetensors only)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors shard (default 2GB); the streaming merge's memory follows it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--in-memory", action="store_true",
-                   help="load the whole base before merging (the default streams it: about one output shard in "
-                        "memory at a time, same files); safetensors only")
+                   help="load the whole base before merging (the default streams it, holding about one output shard "
+                        "at a time; the files are the same); safetensors only")
     p.set_defaults(func=_run)
 
 
@@ -408,7 +411,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} (GGUF {report.dtype}, "
               f"{report.gguf.tensors} tensors{fallback}, pre-tokenizer {report.gguf.pre_tokenizer!r})")
         return 0
-    print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}; "
+    how = "streamed" if report.streamed else "in memory"
+    print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}, {how}; "
           f"{', '.join(report.files)})")
     return 0
 

@@ -180,6 +180,8 @@ class StreamingMerge:
         foreign = [k for k in stored if k not in names]
         if foreign:
             raise NotStreamable(f"checkpoint keys that aren't parameter names (renamed at load), e.g. {foreign[:3]}")
+        # ids are only unique while their objects live: keep every tensor whose id is a key here alive
+        self._pinned = list(names.values())
         keys: dict[int, str] = {}
         for key in stored:
             keys.setdefault(id(names[key]), key)
@@ -245,6 +247,7 @@ class StreamingMerge:
             if tid in self.ckpt_key:
                 if tid in refs:
                     key = self.ckpt_key[tid]
+                    self._pinned.append(tensor)
                     slot.set(self.reader.get_dense(key, torch.float32))
                     self.ckpt_key[id(slot.get())] = key
                 continue
