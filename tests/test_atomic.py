@@ -14,6 +14,7 @@ import importlib.util
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -183,3 +184,24 @@ def test_keep_existing_writes_new_files_without_touching_the_old_inodes(tmp_path
     atomic.write_folder_atomically(target, lambda tmp: (tmp / "w").write_text("2"), keep_existing=True)
     assert _read_tree(target) == {"w": b"2", "readme": b"r"}
     assert os.stat(target / "w").st_ino != old_w  # a new file, not the old one rewritten in place
+
+
+def test_the_new_folder_gets_mkdirs_mode_or_the_old_folders_not_mkdtemps_0700(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = tmp_path / "fresh"
+    atomic.write_folder_atomically(target, lambda tmp: (tmp / "a").write_text("1"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+    target.chmod(0o750)
+    atomic.write_folder_atomically(target, lambda tmp: (tmp / "a").write_text("2"))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+def test_atomic_write_file_replaces_a_file_whole(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="injected"):
+        atomic.atomic_write_file(path, lambda tmp: (tmp.write_bytes(b"half"), (_ for _ in ()).throw(OSError("injected"))))
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    atomic.atomic_write_file(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

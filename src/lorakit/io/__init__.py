@@ -7,13 +7,21 @@ from lorakit.io.adapter_folder import (
     read_adapter_folder,
     write_adapter_folder,
 )
-from lorakit.io.atomic import atomic_write_bytes, clean_stale, fsync_path, fsync_tree, write_folder_atomically
+from lorakit.io.atomic import (
+    atomic_write_bytes,
+    atomic_write_file,
+    clean_stale,
+    fsync_path,
+    fsync_tree,
+    write_folder_atomically,
+)
 
 __all__ = [
     "CONFIG_NAME",
     "LEGACY_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "atomic_write_bytes",
+    "atomic_write_file",
     "clean_stale",
     "fsync_path",
     "fsync_tree",

@@ -1,7 +1,9 @@
 """Crash-safe writes: a file or a whole folder appears complete (old or new), never half-written.
 
 One helper for every folder lorakit writes (adapter folders, training checkpoints, merged
-checkpoints, 4-bit checkpoints) and one for single files; both fsync the same way.
+checkpoints, 4-bit checkpoints, the converted SmolLM2 cache) and one for single files
+(:func:`atomic_write_file` / :func:`atomic_write_bytes`: adapter files, GGUF exports); both fsync
+the same way.
 
 :func:`write_folder_atomically` builds the new folder in a temporary sibling
 ``.NAME.tmp-<pid>-<rand>``, fsyncs every file and folder in it, and only then puts it in place:
@@ -36,7 +38,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,20 +92,27 @@ def _fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` creates a temporary sibling file; it is fsynced and renamed to `path`, then the
+    folder fsynced: readers see the old file or the new one, never a part. The file gets the usual
+    umask permissions (the writer creates it)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], None], *,
@@ -122,6 +133,8 @@ def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], No
     clean_stale(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     try:
+        # mkdtemp's folder is private (0700): give it the old folder's mode, or what mkdir would have given
+        tmp.chmod(stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~_umask())
         fill(tmp)
         if keep_existing and target.is_dir():
             _carry_over(target, tmp)
@@ -131,6 +144,19 @@ def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], No
         raise
     _swap_in(tmp, target)
     return target
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:  # Linux: read without changing it (no race with other threads)
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
