@@ -403,6 +403,15 @@ def _run(args: argparse.Namespace) -> int:
     except (LorakitError, MergeError, OSError, ValueError) as exc:
         print(f"lorakit merge: {one_line(exc)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
+        if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
+            raise
+        hint = ("lower --max-shard-size (the streaming merge holds about two shards)" if not args.in_memory
+                and args.format == "safetensors" else "drop --in-memory (the streaming merge holds about two shards)"
+                if args.in_memory else "the GGUF export holds the whole model; use --format safetensors")
+        print(f"lorakit merge: out of memory ({one_line(exc) or 'MemoryError'}); {hint}. Nothing was written.",
+              file=sys.stderr)
+        return 2
     if report.dequantized_4bit:
         print(f"base is 4-bit ({report.dequantized_4bit}): dequantised to full precision, then merged")
     weights = f" with weights {report.weights}" if report.weights else ""
