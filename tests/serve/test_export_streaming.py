@@ -158,3 +158,32 @@ def test_an_overflowing_adapter_is_refused_and_nothing_is_written(tmp_path):
 
 def test_tiny_llama_factory_is_what_the_cases_use():
     assert tiny_llama().config.hidden_size == 64  # the cases above stay small: each merges twice
+
+
+def test_a_plan_that_fails_while_writing_falls_back_to_memory_and_an_allocation_failure_does_not(tmp_path, monkeypatch):
+    from lorakit.export import streaming
+
+    base = save_base(tmp_path / "base")
+    adapter = _adapter(base, tmp_path / "adapter", lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    real_value, calls = streaming.StreamingMerge.value, []
+
+    def failing(message):
+        def value(self, name):
+            calls.append(name)
+            if len(calls) == 3:
+                raise RuntimeError(message)
+            return real_value(self, name)
+        return value
+
+    monkeypatch.setattr(streaming.StreamingMerge, "value", failing("a meta-device op this plan does not cover"))
+    got = export.merge_to_checkpoint(base, [adapter], tmp_path / "fallback", max_shard_size="30KB")
+    want = export.merge_to_checkpoint(base, [adapter], tmp_path / "in_memory", streaming=False, max_shard_size="30KB")
+    assert not got.streamed and got.files == want.files
+    for name in got.files:
+        if name != export.MERGE_INFO:
+            assert filecmp.cmp(got.out_dir / name, want.out_dir / name, shallow=False), name
+    calls.clear()
+    monkeypatch.setattr(streaming.StreamingMerge, "value", failing("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(RuntimeError, match="allocate memory"):  # the in-memory path would need more, not less
+        export.merge_to_checkpoint(base, [adapter], tmp_path / "oom", max_shard_size="30KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "fallback", "in_memory"]

@@ -79,9 +79,10 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
     dtype: the saved weights' dtype (default: the base's own dtype; the merge itself is fp32).
     max_shard_size: passed to ``save_pretrained`` so large checkpoints are split into shards.
     streaming: read, merge and write one tensor / shard at a time (:mod:`lorakit.export.streaming`),
-        so peak memory is about one output shard whatever the model's size; the files are the same
-        as the in-memory path's (``streaming=False``: load the whole base, merge, save), which also
-        runs when a base can't be streamed (the report's ``streamed`` says which ran).
+        so peak memory is about two output shards (tensors + serialised bytes) plus the adapters,
+        whatever the model's size; the files are the same as the in-memory path's (``streaming=False``:
+        load the whole base, merge, save), which also runs when a base can't be streamed (logged; the
+        report's ``streamed`` says which ran).
     """
     from lorakit.models import resolve_base
 
@@ -92,11 +93,19 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
     max_shard_size = parse_size(max_shard_size)
     plan = _streaming_plan(base_dir, adapter_dirs, weights, dtype) if streaming else None
     if plan is not None:
+        from lorakit.export.streaming import NotStreamable
+
         stream, out_dtype, quant = plan
         report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
                              dtype=out_dtype, dequantized_4bit=quant, streamed=True)
-        _write_checkpoint(lambda tmp: stream.save(tmp, max_shard_size), base_dir, out_dir, report)
-        return report
+        try:
+            _write_checkpoint(lambda tmp: stream.save(tmp, max_shard_size), base_dir, out_dir, report)
+            return report
+        except (NotStreamable, *_UNSTREAMABLE) as exc:  # nothing was swapped in; the in-memory path still can
+            if _out_of_memory(exc):
+                raise
+            logger.warning("lorakit merge: streaming %s failed (%s: %s); loading the whole base instead",
+                           base_dir, type(exc).__name__, exc)
 
     import torch
 
@@ -128,9 +137,20 @@ def _streaming_plan(base_dir: Path, adapter_dirs: list[Path], weights: list[floa
             quant = None
         out_dtype = dtype or source_dtype
         return StreamingMerge(base_dir, model_cls, config, adapter_dirs, weights, out_dtype), out_dtype, quant
-    except NotStreamable as exc:
+    except (NotStreamable, *_UNSTREAMABLE) as exc:
+        if _out_of_memory(exc):
+            raise
+        # a model or variant the meta-device plan doesn't cover: the in-memory path gives the same files
         logger.warning("lorakit merge: %s can't be streamed (%s); loading the whole base instead", base_dir, exc)
         return None
+
+
+# what a meta-device plan can raise for a model or variant it doesn't cover (user errors are MergeError/ValueError)
+_UNSTREAMABLE = (RuntimeError, NotImplementedError, AttributeError, KeyError)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "allocate memory" in str(exc)
 
 
 def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_file: str | os.PathLike,
