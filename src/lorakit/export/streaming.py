@@ -16,11 +16,13 @@ which loads the base in fp32, merges every adapter with the layers' own code, th
    tensors materialised in fp32, the group's merges run with the layers' own ``merge`` in the
    in-memory path's order, the results taken and the stand-ins put back.
 
-Peak memory: one output shard + the adapters + the largest module group in fp32.
+Peak memory: one output shard twice (its tensors, then safetensors' serialised bytes) + the
+adapters + the largest module group in fp32.
 
 Not streamed (the in-memory path runs instead, with a log line saying why): checkpoints whose keys
 transformers renames at load, weight conversions on save, adapters whose load computes tensors
-from the base weight (PiSSA / OLoRA inits), and anything else this plan can't prove identical.
+from the base weight (PiSSA / OLoRA inits), and a plan that fails on meta tensors for a model or
+variant it doesn't cover (:func:`lorakit.export.merge.merge_to_checkpoint` catches it).
 """
 
 from __future__ import annotations
