@@ -187,3 +187,17 @@ def test_a_plan_that_fails_while_writing_falls_back_to_memory_and_an_allocation_
     with pytest.raises(RuntimeError, match="allocate memory"):  # the in-memory path would need more, not less
         export.merge_to_checkpoint(base, [adapter], tmp_path / "oom", max_shard_size="30KB")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "fallback", "in_memory"]
+
+
+@pytest.mark.slow
+def test_streaming_equals_in_memory_on_the_gguf_sourced_smollm2(tmp_path):
+    """The real base: converted from GGUF into lorakit's cache, tied embedding and lm_head; a LoRA on the tied
+    lm_head plus trainable tokens on the tied embedding, bf16 output in shards."""
+    pytest.importorskip("gguf")
+    from lorakit.models import SMOLLM2, resolve_base
+
+    base = resolve_base(SMOLLM2)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                                trainable_token_indices=[1, 2, 5])
+    adapter = _adapter(base, tmp_path / "adapter", config)
+    _assert_same_output(base, [adapter], tmp_path, dtype="bfloat16", max_shard_size="100MB", check_changed=False)
