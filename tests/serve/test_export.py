@@ -105,7 +105,7 @@ def test_failed_merge_leaves_no_output(dirs, tmp_path, monkeypatch):
     def boom(folder):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(export, "_fsync_tree", boom)
+    monkeypatch.setattr("lorakit.io.atomic.fsync_tree", boom)
     out = tmp_path / "never"
     with pytest.raises(OSError, match="injected"):
         export.merge_to_checkpoint(dirs["base"], [dirs["a"]], out)
@@ -118,7 +118,7 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(dirs, t
     (out / "keep.txt").write_text("old")
     with pytest.raises(export.MergeError, match="--overwrite"):
         export.merge_to_checkpoint(dirs["base"], [dirs["a"]], out)
-    monkeypatch.setattr(export, "_fsync_tree", lambda folder: (_ for _ in ()).throw(OSError("injected")))
+    monkeypatch.setattr("lorakit.io.atomic.fsync_tree", lambda folder: (_ for _ in ()).throw(OSError("injected")))
     with pytest.raises(OSError):
         export.merge_to_checkpoint(dirs["base"], [dirs["a"]], out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "old"

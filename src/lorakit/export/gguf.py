@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,23 +100,22 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, gguf_type: s
     tok_meta = tokenizer_metadata(tokenizer, config.vocab_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name the writer creates itself, so the file gets the usual umask permissions (mkstemp's are 0600)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+    from lorakit.io.atomic import atomic_write_file
+
+    result = {}
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch="llama")  # creates the file: usual umask permissions
         _add_model_metadata(writer, config, gguf_type, name or path.stem)
         _add_tokenizer_metadata(writer, tok_meta)
-        count, fallback = _add_tensors(writer, model, gguf_type)
+        result["count"], result["fallback"] = _add_tensors(writer, model, gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write_file(path, write)
+    count, fallback = result["count"], result["fallback"]
     return GGUFReport(path=path, gguf_type=gguf_type, tensors=count, fallback_f16=fallback,
                       pre_tokenizer=tok_meta["pre"])
 

@@ -9,12 +9,18 @@ config names) and has no LoRA modules left: inference costs exactly what the bas
   such as DoRA work); with weights they are first combined exactly (rank Σ rᵢ, the "cat"
   combination of :meth:`LoraModel.add_weighted_adapter`), then merged.
 * 4-bit bases: a bitsandbytes-format checkpoint (packed NF4/FP4 weights with their
-  ``absmax`` / ``quant_map`` / ``quant_state`` entries) is dequantised with ``lorakit.quant`` and
-  the merge happens in full precision; the report says so.
+  ``absmax`` / ``quant_map`` / ``quant_state`` entries) is dequantised with ``lorakit.quant``'s
+  checkpoint reader, one tensor at a time when streaming, and the merge happens in full precision;
+  the report says so.
+* Streaming (default): the base is read, merged and written one tensor / shard at a time
+  (:mod:`lorakit.export.streaming`), so peak memory is about one output shard plus the adapters;
+  the files are those the in-memory path (``streaming=False``, ``--in-memory``) writes.
 * Atomic: everything is written to a temporary folder beside ``--out`` and renamed at the end, so a
   failure leaves no partial output (and an existing ``--out`` untouched unless ``--overwrite``).
   Temporary folders a killed merge left behind are removed by the next merge into the same
-  ``--out`` (:func:`clean_stale`), and a previous ``--out`` caught mid-swap is put back.
+  ``--out`` (:func:`clean_stale`), and a previous ``--out`` caught mid-swap is put back
+  (:func:`lorakit.io.write_folder_atomically`).
+* ``--format gguf`` keeps the in-memory path (the GGUF writer takes a whole model).
 * ``--format gguf`` (:func:`merge_to_gguf`): the same merge written as one GGUF file for llama.cpp /
   Ollama (Llama-family bases; f32, f16, bf16 or q8_0), see :mod:`lorakit.export.gguf`.
 """
@@ -29,10 +35,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lorakit.errors import MergeError  # also the layers' refusal (grouped convs, ...): one class
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +53,6 @@ MERGE_INFO = "lorakit_merge.json"
 GGUF_TYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")  # lorakit.export.gguf.GGUF_TYPES (not imported: gguf is optional)
 
 
-class MergeError(ValueError):
-    """The merge inputs are inconsistent (paths, weights, dtypes) or the output can't be written."""
-
-
 @dataclass
 class MergeReport:
     """What `merge_to_checkpoint` did (the CLI prints it; tests assert on it)."""
@@ -60,21 +63,25 @@ class MergeReport:
     dtype: str
     dequantized_4bit: str | None = None  # e.g. "nf4 (double quant)" when the base was 4-bit
     files: list[str] = field(default_factory=list)
+    streamed: bool = False  # merged tensor by tensor (lorakit.export.streaming), not with the whole base loaded
     gguf: Any = None  # lorakit.export.gguf.GGUFReport for --format gguf
 
 
 def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike],
                         out_dir: str | os.PathLike, weights: list[float] | None = None,
                         dtype: str | None = None, max_shard_size: str | int = "2GB",
-                        overwrite: bool = False) -> MergeReport:
+                        overwrite: bool = False, streaming: bool = True) -> MergeReport:
     """Merge `adapter_dirs` into the base `base_dir` (a folder, preset or hub id: lorakit.models.resolve_base)
     and save a full checkpoint at `out_dir`.
 
     dtype: the saved weights' dtype (default: the base's own dtype; the merge itself is fp32).
     max_shard_size: passed to ``save_pretrained`` so large checkpoints are split into shards.
+    streaming: read, merge and write one tensor / shard at a time (:mod:`lorakit.export.streaming`),
+        so peak memory is about two output shards (tensors + serialised bytes) plus the adapters,
+        whatever the model's size; the files are the same as the in-memory path's (``streaming=False``:
+        load the whole base, merge, save), which also runs when a base can't be streamed (logged; the
+        report's ``streamed`` says which ran).
     """
-    import torch
-
     from lorakit.models import resolve_base
 
     base_dir, out_dir = resolve_base(base_dir), Path(out_dir)  # a preset, a folder or a hub id
@@ -82,15 +89,66 @@ def merge_to_checkpoint(base_dir: str | os.PathLike, adapter_dirs: list[str | os
     clean_stale(out_dir)  # first: a previous --out caught mid-swap by a kill is back before the checks
     _check_inputs(base_dir, adapter_dirs, out_dir, weights, dtype, overwrite)
     max_shard_size = parse_size(max_shard_size)
-    merged, source_dtype, quant = merged_model(base_dir, adapter_dirs, weights)
+    plan = _streaming_plan(base_dir, adapter_dirs, weights, dtype) if streaming else None
+    if plan is not None:
+        from lorakit.export.streaming import NotStreamable
 
+        stream, out_dtype, quant = plan
+        report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
+                             dtype=out_dtype, dequantized_4bit=quant, streamed=True)
+        try:
+            _write_checkpoint(lambda tmp: stream.save(tmp, max_shard_size), base_dir, out_dir, report)
+            return report
+        except (NotStreamable, *_UNSTREAMABLE) as exc:  # nothing was swapped in; the in-memory path still can
+            if _out_of_memory(exc):
+                raise
+            logger.warning("lorakit merge: streaming %s failed (%s: %s); loading the whole base instead",
+                           base_dir, type(exc).__name__, exc)
+
+    import torch
+
+    merged, source_dtype, quant = merged_model(base_dir, adapter_dirs, weights)
     out_dtype = dtype or source_dtype
     merged = merged.to(getattr(torch, out_dtype))
     merged.config.dtype = out_dtype
     report = MergeReport(out_dir=out_dir, adapters=[str(a) for a in adapter_dirs], weights=weights,
                          dtype=out_dtype, dequantized_4bit=quant)
-    _write_atomically(merged, base_dir, out_dir, max_shard_size, overwrite, report)
+    _write_checkpoint(lambda tmp: merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True),
+                      base_dir, out_dir, report)
     return report
+
+
+def _streaming_plan(base_dir: Path, adapter_dirs: list[Path], weights: list[float] | None, dtype: str | None):
+    """(StreamingMerge, output dtype, 4-bit description) or None when this base can't be streamed (logged)."""
+    from lorakit.export.streaming import NotStreamable, StreamingMerge
+
+    config, model_cls, source_dtype, quant_cfg = describe_base(base_dir)
+    try:
+        if quant_cfg is not None:
+            from lorakit.quant.loading import TensorReader, checkpoint_files
+
+            reader = TensorReader(checkpoint_files(base_dir))
+            quant = _describe_4bit(reader, base_dir)
+            compute = quant_cfg.get("bnb_4bit_compute_dtype")
+            source_dtype = _dtype_name(compute) if compute else source_dtype
+        else:
+            quant = None
+        out_dtype = dtype or source_dtype
+        return StreamingMerge(base_dir, model_cls, config, adapter_dirs, weights, out_dtype), out_dtype, quant
+    except (NotStreamable, *_UNSTREAMABLE) as exc:
+        if _out_of_memory(exc):
+            raise
+        # a model or variant the meta-device plan doesn't cover: the in-memory path gives the same files
+        logger.warning("lorakit merge: %s can't be streamed (%s); loading the whole base instead", base_dir, exc)
+        return None
+
+
+# what a meta-device plan can raise for a model or variant it doesn't cover (user errors are MergeError/ValueError)
+_UNSTREAMABLE = (RuntimeError, NotImplementedError, AttributeError, KeyError)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "allocate memory" in str(exc)
 
 
 def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathLike], out_file: str | os.PathLike,
@@ -200,36 +258,11 @@ def parse_size(value: str | int) -> int:
 
 
 def clean_stale(out_dir: Path) -> None:
-    """Remove what killed merges into `out_dir` left beside it (``.NAME.tmp-*`` / ``.NAME.old-*``).
+    """Remove what killed merges into `out_dir` left beside it; a previous --out caught mid-swap is put back
+    (:func:`lorakit.io.atomic.clean_stale`)."""
+    from lorakit.io.atomic import clean_stale as clean
 
-    A kill between moving the old ``--out`` aside and renaming the new one in leaves the old
-    checkpoint in ``.NAME.old-*/previous`` and no ``--out``: that one is put back, not deleted.
-    Folders of a merge still running (its pid in the name is alive) are left alone.
-    """
-    parent = out_dir.parent
-    if not parent.is_dir():
-        return
-    for stale in sorted(parent.glob(f".{out_dir.name}.old-*")) + sorted(parent.glob(f".{out_dir.name}.tmp-*")):
-        if not stale.is_dir() or _owner_alive(stale.name):
-            continue
-        previous = stale / "previous"
-        if previous.is_dir() and not out_dir.exists():
-            os.replace(previous, out_dir)
-            logger.warning("restored %s from an interrupted --overwrite merge", out_dir)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _owner_alive(name: str) -> bool:
-    match = re.search(r"\.(?:tmp|old)-(\d+)-", name)
-    if match is None or int(match.group(1)) == os.getpid():
-        return False
-    try:
-        os.kill(int(match.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    clean(out_dir)
 
 
 def _check_adapter_folder(folder: Path) -> dict:
@@ -243,9 +276,8 @@ def _check_adapter_folder(folder: Path) -> dict:
     return config
 
 
-def load_base(base_dir: Path):
-    """(model in fp32, the dtype name its checkpoint had, "nf4 ..." if it was 4-bit else None)."""
-    import torch
+def describe_base(base_dir: Path):
+    """(config, the model class to build, the dtype name its checkpoint has, 4-bit quantization_config or None)."""
     import transformers
     from transformers import AutoConfig
 
@@ -255,7 +287,14 @@ def load_base(base_dir: Path):
     model_cls = getattr(transformers, arch, None) if arch else None
     if model_cls is None:
         model_cls = transformers.AutoModelForCausalLM if arch and arch.endswith("ForCausalLM") else transformers.AutoModel
-    quant_cfg = _quantization_config(config)
+    return config, model_cls, source_dtype, _quantization_config(config)
+
+
+def load_base(base_dir: Path):
+    """(model in fp32, the dtype name its checkpoint had, "nf4 ..." if it was 4-bit else None): the whole base."""
+    import torch
+
+    config, model_cls, source_dtype, quant_cfg = describe_base(base_dir)
     if quant_cfg is None:
         model = model_cls.from_pretrained(base_dir, dtype=torch.float32)
         return model.eval(), source_dtype, None
@@ -274,39 +313,23 @@ def _quantization_config(config) -> dict | None:
 
 
 def _load_dequantized(base_dir: Path, config, quant_cfg: dict, model_cls):
-    """A bitsandbytes-format 4-bit checkpoint rebuilt as a dense fp32 model (lorakit.quant dequantises)."""
+    """A bitsandbytes-format 4-bit checkpoint rebuilt as a dense fp32 model (lorakit.quant's reader dequantises)."""
     import copy
 
     import torch
-    from safetensors.torch import load_file
 
+    from lorakit.quant.loading import TensorReader, checkpoint_files
+
+    reader = TensorReader(checkpoint_files(base_dir))
+    description = _describe_4bit(reader, base_dir)
     try:
-        from lorakit.quant import QuantState, dequantize_4bit
-    except ImportError as exc:  # pragma: no cover - quant ships with lorakit
-        raise MergeError(f"--base {base_dir} is 4-bit but lorakit.quant can't be imported ({exc})") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(base_dir.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if ".quant_state.bitsandbytes__" in k]:
-        groups[key.split(".quant_state.")[0]] = {}
-    for key in list(tensors):
-        owner = next((w for w in _prefixes(key) if w in groups), None)
-        if owner is not None and key != owner:
-            groups[owner][key] = tensors.pop(key)
-    kinds = set()
-    for key, entries in groups.items():
-        try:
-            state = QuantState.from_dict(entries)
-            tensors[key] = dequantize_4bit(tensors[key], state, torch.float32)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise MergeError(f"--base {base_dir}: can't dequantise {key}: {exc}") from None
-        kinds.add(state.quant_type + (", double quant" if state.nested else ""))
+        tensors = {key: reader.get_dense(key, torch.float32) for key in reader.dense_keys()}
+    except ValueError as exc:
+        raise MergeError(f"--base {base_dir}: {exc}") from None
     dense_config = copy.deepcopy(config)
     del dense_config.quantization_config
     model = model_cls(dense_config).float()
-    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                                 for k, v in tensors.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(dense_config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise MergeError(f"--base {base_dir}: 4-bit checkpoint doesn't fit its config "
@@ -314,13 +337,19 @@ def _load_dequantized(base_dir: Path, config, quant_cfg: dict, model_cls):
     model.tie_weights()
     compute = quant_cfg.get("bnb_4bit_compute_dtype")
     compute = _dtype_name(compute) if compute else None
-    return model, " + ".join(sorted(kinds)) or "4-bit", compute
+    return model, description, compute
 
 
-def _prefixes(key: str) -> list[str]:
-    """'a.b.c' -> ['a.b', 'a'] (the keys a quantised tensor's side entries hang under)."""
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+def _describe_4bit(reader, base_dir: Path) -> str:
+    """'nf4, double quant' (each kind found, joined by ' + ') from the checkpoint's quant states."""
+    kinds = set()
+    for key in reader.quantized():
+        try:
+            state = reader.get_state(key)
+        except ValueError as exc:
+            raise MergeError(f"--base {base_dir}: {exc}") from None
+        kinds.add(state.quant_type + (", double quant" if state.nested else ""))
+    return " + ".join(sorted(kinds)) or "4-bit"
 
 
 def _dtype_name(dtype) -> str:
@@ -328,45 +357,22 @@ def _dtype_name(dtype) -> str:
     return name if name in DTYPES else "float32"
 
 
-def _write_atomically(model, base_dir: Path, out_dir: Path, max_shard_size: str | int, overwrite: bool,
-                      report: MergeReport) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-{os.getpid()}-"))
-    old = None
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+def _write_checkpoint(write_weights, base_dir: Path, out_dir: Path, report: MergeReport) -> None:
+    """``write_weights(tmp)`` (save_pretrained) plus tokenizer files and the merge record, swapped in atomically."""
+
+    def fill(tmp: Path) -> None:
+        write_weights(tmp)
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
                 shutil.copy2(base_dir / name, tmp / name)
         info = {"adapters": report.adapters, "weights": report.weights, "dtype": report.dtype,
                 "dequantized_4bit": report.dequantized_4bit, "base": str(base_dir)}
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if out_dir.exists():  # --overwrite: move the old one aside, swap, then delete it
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-{os.getpid()}-"))
-            os.replace(out_dir, old / "previous")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "previous").exists() and not out_dir.exists():
-            os.replace(old / "previous", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    from lorakit.io.atomic import write_folder_atomically
+
+    write_folder_atomically(out_dir, fill)
     report.files = sorted(p.name for p in out_dir.iterdir())
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -375,7 +381,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "merge", help="merge adapters into the base and save a plain transformers checkpoint",
         description="Fold one or more LoRA adapters into the base weights (W + Σ w·ΔW) and write a full "
                     "safetensors checkpoint that loads with AutoModel*.from_pretrained, or with --format gguf one GGUF "
-                    "file for llama.cpp / Ollama (Llama-family bases). Atomic: a failed merge leaves no output.")
+                    "file for llama.cpp / Ollama (Llama-family bases). Safetensors output is streamed: the base is "
+                    "read, merged and written one tensor / shard at a time (peak memory about twice the largest "
+                    "shard plus the adapters). Atomic: a failed or killed merge leaves no partial output.")
     p.add_argument("--base", required=True, help="base model: checkpoint folder (4-bit bnb format ok), preset "
                    "(smollm2-135m-instruct, minilm) or Hugging Face id")
     p.add_argument("--adapter", required=True, action="append", help="PEFT-format adapter folder (repeatable)")
@@ -388,8 +396,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gguf-type", choices=GGUF_TYPE_CHOICES, default="f16",
                    help="--format gguf: storage of the 2-D weights (default f16; norms stay f32)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's; safetensors only)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors shard (default 2GB); the streaming merge's memory follows it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole base before merging (the default streams it, holding about one output shard "
+                        "at a time; the files are the same); safetensors only")
     p.set_defaults(func=_run)
 
 
@@ -404,9 +416,19 @@ def _run(args: argparse.Namespace) -> int:
                                    overwrite=args.overwrite)
         else:
             report = merge_to_checkpoint(args.base, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
-                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                         streaming=not args.in_memory)
     except (LorakitError, MergeError, OSError, ValueError) as exc:
         print(f"lorakit merge: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
+        if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
+            raise
+        hint = ("lower --max-shard-size (the streaming merge holds about two shards)" if not args.in_memory
+                and args.format == "safetensors" else "drop --in-memory (the streaming merge holds about two shards)"
+                if args.in_memory else "the GGUF export holds the whole model; use --format safetensors")
+        print(f"lorakit merge: out of memory ({one_line(exc) or 'MemoryError'}); {hint}. Nothing was written.",
+              file=sys.stderr)
         return 2
     if report.dequantized_4bit:
         print(f"base is 4-bit ({report.dequantized_4bit}): dequantised to full precision, then merged")
@@ -416,7 +438,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} (GGUF {report.dtype}, "
               f"{report.gguf.tensors} tensors{fallback}, pre-tokenizer {report.gguf.pre_tokenizer!r})")
         return 0
-    print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}; "
+    how = "streamed" if report.streamed else "in memory"
+    print(f"merged {len(report.adapters)} adapter(s){weights} -> {report.out_dir} ({report.dtype}, {how}; "
           f"{', '.join(report.files)})")
     return 0
 

@@ -1,8 +1,8 @@
 """Adapter folders in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Writes are atomic per file (temporary file in the same folder, fsync, ``os.replace``), the weights
-before the config, so an interrupted save leaves either the previous complete folder or no
-config at all, never a config that points at half-written weights. Reads never unpickle: a
+Writes are atomic per folder (:func:`lorakit.io.atomic.write_folder_atomically`): the new config and
+weights are written into a temporary sibling, fsynced and swapped in, so an interrupted save leaves
+the previous complete folder or the new one, never a config that points at half-written weights. Reads never unpickle: a
 legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)``.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,51 +20,28 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorakit.errors import AdapterLoadError
+from lorakit.io.atomic import write_folder_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def fsync_path(folder: Path) -> None:
-    """fsync a file or folder (a folder's fsync makes a rename inside it durable); best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_adapter_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                          metadata: dict[str, str] | None = None) -> Path:
+    """Write (or replace) a PEFT-format adapter folder atomically; other files already in it are kept."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage: give each tensor its own
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(folder / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", **(metadata or {})}))
+    weights = st_save(tensors, metadata={"format": "pt", **(metadata or {})})
     text = json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n"
-    atomic_write_bytes(folder / CONFIG_NAME, text.encode())
+
+    def fill(tmp: Path) -> None:
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
+        (tmp / CONFIG_NAME).write_text(text)
+
+    # the whole folder is swapped in at once (other adapters' subfolders, a README... carried over)
+    write_folder_atomically(folder, fill, keep_existing=True)
     return folder
 
 

@@ -25,10 +25,10 @@ import torch.nn as nn
 
 from .convert import linear_targets, set_submodule
 from .linear4bit import Linear4bit, _check_compute_dtype
-from .nf4 import quantize_4bit
+from .nf4 import dequantize_4bit, quantize_4bit
 from .state import QuantState, check_blocksize
 
-_QS_MARK = ".weight.quant_state.bitsandbytes__"
+_QS_MARK = ".quant_state.bitsandbytes__"
 
 
 @contextmanager
@@ -63,7 +63,14 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 
 class TensorReader:
-    """Key → file map of a checkpoint; ``get`` reads one tensor through a fresh handle."""
+    """Key → file map of a checkpoint; ``get`` reads one tensor through a fresh handle.
+
+    The one reader of bitsandbytes-format 4-bit checkpoints (``lorakit.quant`` loading and
+    ``lorakit merge`` both use it): a packed weight ``W`` carries side entries ``W.absmax``,
+    ``W.quant_map``, ``W.nested_*`` and ``W.quant_state.bitsandbytes__nf4|fp4``;
+    :meth:`get_4bit` returns the packed tensor with its :class:`QuantState`, :meth:`get_dense` any
+    tensor in full precision (a 4-bit one dequantised), one tensor at a time.
+    """
 
     def __init__(self, files: Iterable[Path]):
         from safetensors import safe_open
@@ -73,13 +80,59 @@ class TensorReader:
         for path in files:
             with safe_open(path, framework="pt") as fh:
                 self.where.update(dict.fromkeys(fh.keys(), path))
+        # packed 4-bit tensor -> its side entries (keys under it: "W.absmax", "W.quant_state...")
+        self.side: dict[str, list[str]] = {k.split(_QS_MARK)[0]: [] for k in self.where if _QS_MARK in k}
+        for key in self.where:
+            owner = next((p for p in _prefixes(key) if p in self.side), None)
+            if owner is not None:
+                self.side[owner].append(key)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def get(self, key: str) -> torch.Tensor:
         with self._open(self.where[key], framework="pt") as fh:
-            return fh.get_tensor(key)
+            # a copy: the tensor safetensors returns keeps the whole file's mapping alive as long as it lives
+            # (address space and, once touched, resident pages), which one open per tensor is meant to avoid
+            return fh.get_tensor(key).clone()
+
+    def quantized(self) -> list[str]:
+        """The packed 4-bit tensors' keys (those with a bitsandbytes quant_state)."""
+        return sorted(self.side)
+
+    def dense_keys(self) -> list[str]:
+        """Every tensor of the model: the checkpoint's keys without the 4-bit side entries."""
+        side = {k for keys in self.side.values() for k in keys}
+        return [k for k in self.where if k not in side]
+
+    def get_state(self, key: str, device: torch.device | str = "cpu") -> QuantState:
+        """The QuantState of a 4-bit entry; ValueError names the key when its entries don't fit."""
+        try:
+            return QuantState.from_dict({k: self.get(k) for k in self.side[key]}, device=device)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"can't read the 4-bit state of {key}: {exc}") from None
+
+    def get_4bit(self, key: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, QuantState]:
+        """(packed tensor, its QuantState) of a 4-bit entry."""
+        state = self.get_state(key, device)
+        return self.get(key).to(device), state
+
+    def get_dense(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in full precision (`dtype`, default its own; a 4-bit one is dequantised to fp32 or `dtype`)."""
+        if key not in self.side:
+            tensor = self.get(key)
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        packed, state = self.get_4bit(key)
+        try:
+            return dequantize_4bit(packed, state, dtype or torch.float32)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"can't dequantise {key}: {exc}") from None
+
+
+def _prefixes(key: str) -> list[str]:
+    """'a.b.c' -> ['a.b', 'a'] (the keys a packed tensor's side entries hang under), longest first."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> bool:
@@ -152,7 +205,7 @@ def load_4bit(
     reader = TensorReader(checkpoint_files(directory))
 
     if prequantized is not None:
-        targets = sorted(k.split(_QS_MARK)[0] for k in reader.where if _QS_MARK in k)
+        targets = [k.removesuffix(".weight") for k in reader.quantized() if k.endswith(".weight")]
     else:
         targets = linear_targets(model, skip)
     consumed: set[str] = set()
@@ -161,10 +214,8 @@ def load_4bit(
         if weight_key not in reader:
             raise ValueError(f"checkpoint {directory} has no {weight_key}")
         if prequantized is not None:
-            side = [k for k in reader.where if k.startswith(weight_key + ".")]
-            state = QuantState.from_dict({k: reader.get(k) for k in side}, device=device)
-            packed = reader.get(weight_key).to(device)
-            consumed.update(side)
+            packed, state = reader.get_4bit(weight_key, device)
+            consumed.update(reader.side[weight_key])
         else:
             weight = reader.get(weight_key).to(device)  # the one full-precision layer held at a time
             packed, state = quantize_4bit(weight, blocksize, double_quant, quant_type)

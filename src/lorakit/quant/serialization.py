@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lorakit.io.atomic import write_folder_atomically
 
 from .linear4bit import Linear4bit
 from .state import dtype_name
@@ -71,8 +71,8 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_quantized(model: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``config.json`` (with its quantization_config) and ``model.safetensors`` atomically.
 
-    The folder is built next to its destination and renamed into place, so a crash never leaves
-    a half-written checkpoint behind.
+    The folder is built next to its destination, fsynced and renamed into place
+    (:func:`lorakit.io.write_folder_atomically`), so a crash leaves the old folder or the new one.
     """
     from safetensors.torch import save_file
 
@@ -86,24 +86,17 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, overwrit
     config_dict["quantization_config"] = quantization_config(model)
     tensors = _dedup_tied({k: v.to("cpu") for k, v in model.state_dict().items()})
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def fill(staging: Path) -> None:
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
         with open(staging / "config.json", "w") as fh:
             json.dump(config_dict, fh, indent=2, sort_keys=True)
             fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    # fsynced, then swapped in; an existing folder is replaced only once the new one is complete
+    write_folder_atomically(target, fill)
     return target
 
 

@@ -1,8 +1,10 @@
 """Crash-safe checkpoints: ``checkpoints/step-N/`` appears complete or not at all.
 
-A checkpoint is written into ``checkpoints/.tmp-step-N-<pid>/`` (every file fsynced), then renamed
-to ``step-N`` in one ``os.replace``. A ``kill -9`` at any moment leaves at most a ``.tmp-*``
-folder, which the next run deletes; every ``step-N`` folder is whole. Deleting goes the same way
+A checkpoint is written into ``checkpoints/.step-N.tmp-<pid>-*/`` (every file and folder fsynced),
+then renamed to ``step-N`` (:func:`lorakit.io.write_folder_atomically`, which also documents what
+a kill at each moment leaves). A ``kill -9`` at any moment leaves at most hidden ``.step-N.tmp-*`` /
+``.step-N.old-*`` folders, which the next run deletes (an old ``step-N`` caught mid-swap is put
+back); every ``step-N`` folder is whole. Deleting goes the same way
 in reverse: an old checkpoint is first renamed to ``.del-step-N-<pid>`` (one atomic rename, fsynced)
 and only then removed, so a kill while pruning leaves a hidden folder the next run deletes, never
 a half-deleted ``step-N``. Contents:
@@ -25,9 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
-from lorakit.io import fsync_path
+from lorakit.io import clean_stale, fsync_path, write_folder_atomically
 
 _STEP = re.compile(r"step-(\d+)")
+_STALE = re.compile(r"\.step-(\d+)\.(?:tmp|old)-.*")  # write_folder_atomically's leftovers
 FILES = ("trainable.safetensors", "state.pt")
 
 
@@ -62,34 +65,29 @@ def remove_partial(run_dir: Path) -> int:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return 0
+    stale = [(c, m.group(1)) for c in root.iterdir() if (m := _STALE.fullmatch(c.name))]
+    for step in sorted({s for _, s in stale}):  # an old step-N caught mid-swap is put back, the rest deleted
+        clean_stale(root / f"step-{step}")
     partial = [c for c in root.iterdir() if c.name.startswith((".tmp-", ".old-", ".del-"))]
     for child in partial:
         shutil.rmtree(child, ignore_errors=True)
-    return len(partial)
+    return len(partial) + sum(not c.exists() for c, _ in stale)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Any, trainable: dict[str, torch.Tensor],
                     state: dict[str, Any], summary: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-N/`` whole or not at all (:func:`lorakit.io.write_folder_atomically`)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
-    torch.save(state, tmp / FILES[1])
-    (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    for file in (tmp / FILES[0], tmp / FILES[1], tmp / "trainer_state.json"):
-        fsync_path(file)
-    fsync_path(tmp)
-    final = root / f"step-{step}"
-    if final.exists():  # re-saving a step (a resumed run): move the old one aside first
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(root)
-    return final
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp / "adapter")
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
+        torch.save(state, tmp / FILES[1])
+        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    # re-saving a step (a resumed run) swaps the old folder out only once the new one is complete
+    return write_folder_atomically(root / f"step-{step}", fill)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
