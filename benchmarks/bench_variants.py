@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-lr", type=float, nargs="+", metavar="LR",
                         help="pick each variant's lr from these on a validation split first (see the docstring)")
     parser.add_argument("--tune-seed", type=int, default=100, help="the seed of the tuning runs")
+    parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
+                        help="a variant's own lr (name prefix, e.g. AdaLoRA=1e-2), instead of --lr or tuning")
     parser.add_argument("--quick", action="store_true", help="10 steps on 160 examples: a smoke run")
     parser.add_argument("--only", nargs="*", help="variant names to run (prefix match)")
     parser.add_argument("--plot", default="benchmarks/dylora_rank_sweep.png")
@@ -216,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     lrs = {v.name: args.lr for v in chosen}
     if args.tune_lr:
         lrs = tune_lrs(chosen, train_data, steps, args.batch, sorted(args.tune_lr), args.tune_seed)
+    for item in args.lr_for:
+        prefix, _, value = item.partition("=")
+        matched = [v.name for v in chosen if v.name.startswith(prefix)]
+        if not matched or not value:
+            parser.error(f"--lr-for {item!r}: expected NAME=LR naming one of {[v.name for v in chosen]}")
+        lrs.update({name: float(value) for name in matched})
         print("tuned lr: " + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items()), flush=True)
     rows: dict[str, list[dict]] = {}
     sweeps: dict[str, dict[int, float]] = {}
