@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         if not matched or not value:
             parser.error(f"--lr-for {item!r}: expected NAME=LR naming one of {[v.name for v in chosen]}")
         lrs.update({name: float(value) for name in matched})
-        print("tuned lr: " + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items()), flush=True)
+    print("lr per variant: " + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items()), flush=True)
     rows: dict[str, list[dict]] = {}
     sweeps: dict[str, dict[int, float]] = {}
     for seed in args.seeds:
