@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
                         help="a variant's own lr (name prefix, e.g. AdaLoRA=1e-2), instead of --lr or tuning")
     parser.add_argument("--quick", action="store_true", help="10 steps on 160 examples: a smoke run")
-    parser.add_argument("--only", nargs="*", help="variant names to run (prefix match)")
+    parser.add_argument("--only", nargs="*", help="variant names to run (an exact name, else a prefix)")
     parser.add_argument("--plot", default="benchmarks/dylora_rank_sweep.png")
     parser.add_argument("--timing-rounds", type=int, default=15, help="interleaved timing steps per variant")
     args = parser.parse_args(argv)
@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"task docstring-topics: {len(train_split)} train / {len(task.test)} test, {len(task.labels)} classes; "
           f"MiniLM-L6 (22.7M), targets {TARGETS}, {steps} steps of batch {args.batch} × {MAX_LEN} tokens, "
           f"AdamW lr {args.tune_lr or args.lr}, torch threads {torch.get_num_threads()}, seeds {args.seeds}")
-    chosen = [v for v in variants(steps) if not args.only or any(v.name.startswith(o) for o in args.only)]
+    every = variants(steps)
+    exact = {v.name for v in every}  # an exact name selects that variant alone ("LoRA" is not "LoRA+ ...")
+    chosen = [v for v in every if not args.only
+              or any(v.name == o if o in exact else v.name.startswith(o) for o in args.only)]
     lrs = {v.name: args.lr for v in chosen}
     if args.tune_lr:
         lrs = tune_lrs(chosen, train_data, steps, args.batch, sorted(args.tune_lr), args.tune_seed)
