@@ -9,7 +9,8 @@ same calls is printed beside each. Sections:
 * ``train``: one LoRA step (all-linear r=16, AdamW) of lorakit vs PEFT vs the floor (the same forward +
   backward with every weight frozen), batch ``BATCH`` × ``SEQ`` random tokens;
 * ``memory``: peak RSS of a process training that step (floor / lorakit / PEFT);
-* ``qlora``: the step on an NF4 (double quant) base, lorakit vs PEFT + bitsandbytes;
+* ``qlora``: the step on an NF4 (double quant) base, lorakit vs PEFT + bitsandbytes, with the floor (the dense
+  frozen model's forward + activation backward) against PEFT + bitsandbytes beside it;
 * ``decode``: greedy decoding tokens/s (issue 16's decode table): ``generate`` on the merged model and on
   lorakit's unmerged single adapter (and PEFT's) against ``generate`` on the base, batch 1; lorakit's serving
   engine on the merged model against a plain ``generate`` on the same merged model, batch 1 and 16; the
@@ -154,10 +155,11 @@ def qlora_step(path: Path, repeats: int) -> list[Row]:
     theirs = copy.deepcopy(base)
     _bnb_quantize(theirs, bnb)
     theirs = core.peft_model(theirs, "all-linear")
-    del base
-    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids)}, repeats)
-    return [_row(f"{_label(path)} QLoRA step (NF4+DQ) all-linear r=16, {BATCH}×{SEQ} vs PEFT + bitsandbytes",
-                 t, "ours", "theirs", "PEFT+bnb", "<= 1.0")]
+    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids),
+                          "floor": core.floor_step(base, ids)}, repeats)
+    name = f"{_label(path)} QLoRA step (NF4+DQ) all-linear r=16, {BATCH}×{SEQ}"
+    return [_row(f"{name} vs PEFT + bitsandbytes", t, "ours", "theirs", "PEFT+bnb", "<= 0.8"),
+            _row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, "floor", "theirs", "PEFT+bnb")]
 
 
 # ------------------------------------------------------------------------------------------ decoding
