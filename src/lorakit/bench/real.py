@@ -264,7 +264,9 @@ def decode_and_serve(path: Path, repeats: int, sections: tuple[str, ...] = ("dec
         engines = [eng_merged, eng_lora, eng_base]
         jobs = {}
         if "decode" in sections:
-            lora_model = lorakit.LoraModel.from_pretrained(copy.deepcopy(base), adapters["ad0"]).eval()
+            from lorakit.core.model import LoraModel as _LoraModel  # not the package root (import-order rule)
+
+            lora_model = _LoraModel.from_pretrained(copy.deepcopy(base), adapters["ad0"]).eval()
             eng_merged16 = _engine(merged, {}, tokenizer, max_batch=16)
             engines.append(eng_merged16)
             jobs.update({

@@ -214,13 +214,13 @@ def qlora_step(repeats: int) -> list[Row]:
     try:
         import bitsandbytes as bnb
         import peft
-
-        import lorakit
     except ImportError as exc:
         return [Row(f"QLoRA skipped ({exc})", float("nan"), 1.0, "-", "")]
+    from lorakit.quant import quantize_model
+
     base = core.llama(hidden=576, layers=4, inter=1536, heads=9, kv_heads=3)
     ids = core.batch(8000, 4, 128)
-    ours = lorakit.quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
+    ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
     ours = core.lorakit_model(ours, "all-linear")
     theirs = copy.deepcopy(base)
     _bnb_quantize(theirs, bnb)
@@ -234,14 +234,16 @@ def qlora_step(repeats: int) -> list[Row]:
         _cpu_row(f"{name}: lorakit vs the floor (reference)", t, "ours", "floor", "floor"),
     ]
     for out_f, in_f in SMOLLM2_SHAPES + [(4096, 4096)]:
-        rows += _qlora_layer(out_f, in_f, repeats if out_f < 4096 else max(2, repeats - 2), bnb, peft, lorakit)
+        rows += _qlora_layer(out_f, in_f, repeats if out_f < 4096 else max(2, repeats - 2), bnb, peft)
     return rows
 
 
-def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, lorakit, tokens: int = 512) -> list[Row]:
+def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 512) -> list[Row]:
     """One NF4 linear + LoRA r=16: forward and backward of 512 tokens (grad to the input and LoRA)."""
     import torch.nn as nn
 
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.model import get_lora_model
     from lorakit.quant import Linear4bit
 
     class One(nn.Module):
@@ -255,8 +257,8 @@ def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, lorakit, tokens
     torch.manual_seed(0)
     linear = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
     cfg = dict(r=16, lora_alpha=32, target_modules=["proj"])
-    ours = lorakit.get_lora_model(One(Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=torch.float32)),
-                                  lorakit.LoraConfig(**cfg))
+    ours = get_lora_model(One(Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=torch.float32)),
+                          LoraConfig(**cfg))
     holder = One(copy.deepcopy(linear))
     _bnb_quantize(holder, bnb)
     theirs = peft.get_peft_model(holder, peft.LoraConfig(**cfg))
