@@ -2,10 +2,17 @@
 
 Task: ``docstring-topics`` (lorakit.train.tasks: stdlib docstrings labelled by area, 6 classes, 764 train /
 241 test). Model: all-MiniLM-L6-v2 with a fresh 6-way classifier head (trained in full through
-modules_to_save). Every variant gets the same data order, seeds, optimizer (AdamW), learning rate,
-step budget and target modules (query, value); rank 8 (AdaLoRA: 12 → 8 on average).
+modules_to_save). Every variant gets the same data order, seeds, optimizer (AdamW), step budget and
+target modules (query, value); rank 8 (AdaLoRA: 12 → 8 on average).
 
-    .venv/bin/python benchmarks/bench_variants.py            # the table in BENCHMARKS.md (~10 min)
+Learning rate: one shared lr favours the variant it was tuned for (LoRA's 2e-3 overshoots LoRA+ at
+ratio 16 and starves AdaLoRA). ``--tune-lr LR ...`` first picks each variant's own lr from that grid
+on a held-out validation split (the last 20% of the training set, one tuning seed, never the test
+set), then trains every variant at its pick on the full training set for each of ``--seeds``.
+
+    .venv/bin/python benchmarks/bench_variants.py --tune-lr 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 --seeds 0 1 2
+                                                             # the table in BENCHMARKS.md (~40 min, 1 thread)
+    .venv/bin/python benchmarks/bench_variants.py            # every variant at --lr, seed 0 (~7 min)
     .venv/bin/python benchmarks/bench_variants.py --quick    # a smoke run (~1 min)
 """
 
@@ -49,6 +56,7 @@ def variants(total_steps: int) -> list[Variant]:
         Variant("DoRA", LoraConfig(r=8, lora_alpha=16, use_dora=True, **common)),
         Variant("PiSSA", LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa", **common)),
         Variant("LoRA+ (ratio 16)", LoraConfig(r=8, lora_alpha=16, **common), loraplus_ratio=16.0),
+        Variant("LoRA+ (ratio 4)", LoraConfig(r=8, lora_alpha=16, **common), loraplus_ratio=4.0),
         Variant("AdaLoRA (12 → 8)", AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, total_step=total_steps,
                                                   tinit=total_steps // 10, tfinal=total_steps // 5, deltaT=4,
                                                   orth_reg_weight=0.1, **common)),
@@ -154,6 +162,26 @@ def truncated_accuracy(model, test_data, b: int) -> float:
     return acc
 
 
+def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: list[float], seed: int) -> dict:
+    """Each variant's best lr from ``grid`` by accuracy on a validation split held out of the training set
+    (last 20%), trained on the other 80% with one tuning seed; ties go to the smaller lr."""
+    n_val = len(train_data[2]) // 5
+    fit = tuple(t[:-n_val] for t in train_data)
+    val = tuple(t[-n_val:] for t in train_data)
+    picks = {}
+    for variant in chosen:
+        scores = {}
+        for lr in grid:
+            torch.manual_seed(seed)
+            res = train(variant, fit, val, steps, batch, lr, seed)
+            scores[lr] = res["accuracy"] if math.isfinite(res["final_loss"]) else -1.0
+            print(f"  tune {variant.name:20s} lr {lr:g}: val acc {scores[lr]:.3f} loss {res['final_loss']:.3f}",
+                  flush=True)
+        best = max(scores.values())
+        picks[variant.name] = min(lr for lr, acc in scores.items() if acc == best)
+    return picks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=64, help="training steps per variant (47 = one epoch)")
@@ -162,8 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core box, 2 threads oversubscribe and run 4× slower)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tune-lr", type=float, nargs="+", metavar="LR",
+                        help="pick each variant's lr from these on a validation split first (see the docstring)")
+    parser.add_argument("--tune-seed", type=int, default=100, help="the seed of the tuning runs")
+    parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
+                        help="a variant's own lr (name prefix, e.g. AdaLoRA=1e-2), instead of --lr or tuning")
     parser.add_argument("--quick", action="store_true", help="10 steps on 160 examples: a smoke run")
-    parser.add_argument("--only", nargs="*", help="variant names to run (prefix match)")
+    parser.add_argument("--only", nargs="*", help="variant names to run (an exact name, else a prefix)")
     parser.add_argument("--plot", default="benchmarks/dylora_rank_sweep.png")
     parser.add_argument("--timing-rounds", type=int, default=15, help="interleaved timing steps per variant")
     args = parser.parse_args(argv)
@@ -180,15 +213,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"task docstring-topics: {len(train_split)} train / {len(task.test)} test, {len(task.labels)} classes; "
           f"MiniLM-L6 (22.7M), targets {TARGETS}, {steps} steps of batch {args.batch} × {MAX_LEN} tokens, "
-          f"AdamW lr {args.lr}, torch threads {torch.get_num_threads()}, seeds {args.seeds}")
+          f"AdamW lr {args.tune_lr or args.lr}, torch threads {torch.get_num_threads()}, seeds {args.seeds}")
+    every = variants(steps)
+    exact = {v.name for v in every}  # an exact name selects that variant alone ("LoRA" is not "LoRA+ ...")
+    chosen = [v for v in every if not args.only
+              or any(v.name == o if o in exact else v.name.startswith(o) for o in args.only)]
+    lrs = {v.name: args.lr for v in chosen}
+    if args.tune_lr:
+        lrs = tune_lrs(chosen, train_data, steps, args.batch, sorted(args.tune_lr), args.tune_seed)
+    for item in args.lr_for:
+        prefix, _, value = item.partition("=")
+        matched = [v.name for v in chosen if v.name.startswith(prefix)]
+        if not matched or not value:
+            parser.error(f"--lr-for {item!r}: expected NAME=LR naming one of {[v.name for v in chosen]}")
+        lrs.update({name: float(value) for name in matched})
+    print("lr per variant: " + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items()), flush=True)
     rows: dict[str, list[dict]] = {}
     sweeps: dict[str, dict[int, float]] = {}
     for seed in args.seeds:
-        for variant in variants(steps):
-            if args.only and not any(variant.name.startswith(o) for o in args.only):
-                continue
+        for variant in chosen:
             torch.manual_seed(seed)
-            res = train(variant, train_data, test_data, steps, args.batch, args.lr, seed)
+            res = train(variant, train_data, test_data, steps, args.batch, lrs[variant.name], seed)
             rows.setdefault(variant.name, []).append(res)
             print(f"  seed {seed} {variant.name:20s} acc {res['accuracy']:.3f} loss {res['final_loss']:.3f} "
                   f"(in-run median step {res['step_ms']:.0f} ms)", flush=True)
@@ -208,17 +253,18 @@ def main(argv: list[str] | None = None) -> None:
             for key in ("model", "opt", "hooks"):
                 res.pop(key)
     print()
-    print("| variant | trainable params | step time (ms, interleaved median) | vs LoRA | train loss at mid-run "
-          "| final train loss | test accuracy |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | lr | trainable params | step time (ms, interleaved median) | vs LoRA | train loss at mid-run "
+          "| final train loss | test accuracy (mean ± sd over seeds) | per seed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     lora_ms = statistics.fmean(r["step_ms"] for r in rows.get("LoRA", next(iter(rows.values()))))
     for name, results in rows.items():
         acc = [r["accuracy"] for r in results]
         spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else ""
         ms = statistics.fmean(r["step_ms"] for r in results)
-        print(f"| {name} | {results[0]['trainable']:,} | {ms:.0f} | {ms / lora_ms:.2f}× | "
+        print(f"| {name} | {lrs[name]:g} | {results[0]['trainable']:,} | {ms:.0f} | {ms / lora_ms:.2f}× | "
               f"{statistics.fmean(r['half_loss'] for r in results):.3f} | "
-              f"{statistics.fmean(r['final_loss'] for r in results):.3f} | {statistics.fmean(acc):.3f}{spread} |")
+              f"{statistics.fmean(r['final_loss'] for r in results):.3f} | {statistics.fmean(acc):.3f}{spread} | "
+              f"{' / '.join(f'{a:.3f}' for a in acc)} |")
     for name, results in rows.items():
         if "note" in results[0]:
             print(f"\n{name}: {results[0]['note']}")

@@ -71,6 +71,8 @@ def test_bench_model_runs_decode_and_serve_on_a_checkpoint_folder(tmp_path, monk
     assert len(rows) == 8 and all(row["ours"] > 0 and row["reference"] > 0 for row in rows.values())
     mixed = next(row for name, row in rows.items() if "4 mixed adapters vs all rows on 1 adapter" in name)
     assert mixed["unit"] == "tok/s" and mixed["target"] == ">= 0.90"
+    b16 = next(row for name, row in rows.items() if "greedy b16: engine vs generate" in name)
+    assert b16["ref_name"] == "generate on merged b16" and b16["target"] == ">= 0.90"
 
 
 def test_bench_rejects_sections_that_do_not_fit_the_model_choice():

@@ -173,3 +173,38 @@ def test_fused_4bit_step_equals_lora_on_the_dequantised_linear():
     (y4, gx4, g4), (yd, gxd, gd) = results
     assert torch.equal(y4, yd) and torch.equal(gx4, gxd)
     assert len(g4) == 2 and all(torch.equal(a, b) for a, b in zip(g4, gd))
+
+
+def test_transient_dense_weights_share_one_scratch_buffer_and_stay_correct():
+    """Without a keep budget, every layer's dense weight is written into one per-thread buffer (no fresh
+    allocation per matmul); chained layers still get their own weight in forward and in backward."""
+    from lorakit.quant.linear4bit import dense_for_step, free_dequant_scratch
+
+    torch.manual_seed(0)
+    dense = [torch.nn.Linear(64, 48), torch.nn.Linear(48, 64)]
+    quant = [Linear4bit.from_linear(d, compute_dtype=torch.float32) for d in dense]
+    free_dequant_scratch()
+    w0, _ = dense_for_step(quant[0], torch.float32, keep=False)
+    ptr = w0.data_ptr()
+    assert torch.equal(w0, quant[0].dequantize(torch.float32))
+    w1, kept = dense_for_step(quant[1], torch.float32, keep=False)
+    assert kept is None and w1.data_ptr() == ptr  # same buffer: w0 is overwritten, as documented
+    assert torch.equal(w1, quant[1].dequantize(torch.float32))
+    for q, d in zip(quant, dense):  # the float reference holds exactly the dequantised values
+        with torch.no_grad():
+            d.weight.copy_(q.dequantize(torch.float32))
+            d.bias.copy_(q.bias)
+    x = torch.randn(5, 64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y = quant[1](quant[0](x))
+    yr = dense[1](dense[0](xr))
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.equal(y, yr)
+    bound = 64 * torch.finfo(torch.float32).eps * float(
+        (g.abs() @ dense[1].weight.abs() @ dense[0].weight.abs()).max())  # fp32 sums at the products' scale
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=bound)
+    with pytest.raises(ValueError, match="contiguous"):
+        quant[0].dequantize(torch.float32, out=torch.empty(10))
+    free_dequant_scratch()

@@ -56,12 +56,13 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
 
 
 # ---------------------------------------------------------------------------- models
-def llama(hidden: int, layers: int, inter: int, vocab: int = 8000, heads: int = 8, seed: int = 0):
+def llama(hidden: int, layers: int, inter: int, vocab: int = 8000, heads: int = 8, seed: int = 0,
+          kv_heads: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads, vocab_size=vocab,
                       max_position_embeddings=1024)
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg)

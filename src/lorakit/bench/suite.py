@@ -142,6 +142,14 @@ def adapter_loading(count: int = 50) -> list[Row]:
     ]
 
 
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
+
+
+def _cpu_row(figure: str, t: dict, ours: str, ref: str, ref_name: str, target: str = "") -> Row:
+    """By min process CPU time (one thread: the work itself), with the wall-clock ratio alongside."""
+    return Row(figure, t[ours].cpu_min, t[ref].cpu_min, ref_name, target, wall_ratio=t[ours].min / t[ref].min)
+
+
 def one_thread(fn):
     """Run a section with one torch thread: bitsandbytes' OpenMP pool and torch's fight otherwise,
     turning 2 ms ops into 20 ms ones and distorting the ratio (see benchmarks/bench_quant.py, which
@@ -156,6 +164,11 @@ def one_thread(fn):
             torch.set_num_threads(threads)
 
     return wrapped
+
+
+def _calls(n: int, fn, *args) -> None:
+    for _ in range(n):
+        fn(*args)
 
 
 @one_thread
@@ -176,15 +189,28 @@ def nf4(repeats: int) -> list[Row]:
         "dq ours": lambda: dequantize_nf4(packed, state),
         "dq bnb": lambda: bnbf.dequantize_4bit(bpacked, bstate),
     }, repeats)
-    return [
-        Row("NF4 quantize 4096² vs bitsandbytes (time)", t["q ours"].min, t["q bnb"].min, "bnb", "<= 1.0"),
-        Row("NF4 dequantize 4096² vs bitsandbytes (time)", t["dq ours"].min, t["dq bnb"].min, "bnb", "<= 1.0"),
+    rows = [  # by CPU time (one thread), as the QLoRA rows: wall-clock minima swing with other processes
+        _cpu_row("NF4 quantize 4096² vs bitsandbytes (time)", t, "q ours", "q bnb", "bnb", "<= 1.0"),
+        _cpu_row("NF4 dequantize 4096² vs bitsandbytes (time)", t, "dq ours", "dq bnb", "bnb", "<= 1.0"),
     ]
+    for out_f, in_f in SMOLLM2_SHAPES:  # sub-millisecond calls: each sample is a loop of 50
+        w = torch.randn(out_f, in_f)
+        packed, state = quantize_nf4(w)
+        bpacked, bstate = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        t = core.interleaved({  # each output is dropped before the next call, as in a layer's forward
+            "ours": lambda p=packed, s=state: _calls(50, dequantize_nf4, p, s),
+            "bnb": lambda p=bpacked, s=bstate: _calls(50, bnbf.dequantize_4bit, p, s),
+        }, repeats)
+        rows.append(_cpu_row(f"NF4 dequantize {out_f}×{in_f} (SmolLM2) vs bitsandbytes (time, 50 calls)",
+                             t, "ours", "bnb", "bnb", "<= 1.0"))
+    return rows
 
 
 @one_thread
 def qlora_step(repeats: int) -> list[Row]:
-    """QLoRA train step (NF4 base, LoRA all-linear r=16) vs PEFT + bitsandbytes on the same model."""
+    """QLoRA train step (NF4 + double quant base, LoRA all-linear r=16) vs PEFT + bitsandbytes and vs the
+    floor, on a Llama with SmolLM2-135M's layer shapes; then one 4-bit LoRA linear's forward + backward at
+    each SmolLM2 shape and at 4096², with the dense frozen linear as its floor."""
     try:
         import bitsandbytes as bnb
         import peft
@@ -192,15 +218,67 @@ def qlora_step(repeats: int) -> list[Row]:
         return [Row(f"QLoRA skipped ({exc})", float("nan"), 1.0, "-", "")]
     from lorakit.quant import quantize_model
 
-    base = core.llama(hidden=512, layers=4, inter=1536)
+    base = core.llama(hidden=576, layers=4, inter=1536, heads=9, kv_heads=3)
     ids = core.batch(8000, 4, 128)
     ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
     ours = core.lorakit_model(ours, "all-linear")
     theirs = copy.deepcopy(base)
     _bnb_quantize(theirs, bnb)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids)}, repeats)
-    return [Row("QLoRA train step vs PEFT + bitsandbytes", t["ours"].min, t["theirs"].min, "PEFT+bnb", "<= 1.0")]
+    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids),
+                          "floor": core.floor_step(base, ids)}, repeats)
+    name = "QLoRA step, SmolLM2 shapes (576/1536, 9/3 heads), 4 layers, 4×128, all-linear r=16"
+    rows = [
+        _cpu_row(f"{name} vs PEFT + bitsandbytes", t, "ours", "theirs", "PEFT+bnb", "<= 0.8"),
+        _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, "floor", "theirs", "PEFT+bnb"),
+        _cpu_row(f"{name}: lorakit vs the floor (reference)", t, "ours", "floor", "floor"),
+    ]
+    for out_f, in_f in SMOLLM2_SHAPES + [(4096, 4096)]:
+        rows += _qlora_layer(out_f, in_f, repeats if out_f < 4096 else max(2, repeats - 2), bnb, peft)
+    return rows
+
+
+def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 512) -> list[Row]:
+    """One NF4 linear + LoRA r=16: forward and backward of 512 tokens (grad to the input and LoRA)."""
+    import torch.nn as nn
+
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.model import get_lora_model
+    from lorakit.quant import Linear4bit
+
+    class One(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+    cfg = dict(r=16, lora_alpha=32, target_modules=["proj"])
+    ours = get_lora_model(One(Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=torch.float32)),
+                          LoraConfig(**cfg))
+    holder = One(copy.deepcopy(linear))
+    _bnb_quantize(holder, bnb)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(**cfg))
+    x = torch.randn(tokens, in_f, requires_grad=True)
+
+    def step(model):
+        def run():
+            y = model(x)
+            y.backward(torch.ones_like(y))
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    t = core.interleaved({"ours": step(ours), "theirs": step(theirs), "floor": step(One(linear))}, repeats)
+    name = f"QLoRA linear {out_f}×{in_f} (out×in), fwd+bwd of {tokens} tokens, r=16"
+    return [
+        _cpu_row(f"{name} vs PEFT + bnb", t, "ours", "theirs", "PEFT+bnb", "<= 0.8"),
+        _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, "floor", "theirs", "PEFT+bnb"),
+    ]
 
 
 def _bnb_quantize(model, bnb) -> None:

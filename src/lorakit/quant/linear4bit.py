@@ -11,6 +11,11 @@ with the compiled dequantisation loop (``lorakit.quant.native``) the second pass
 1% of a layer's matmuls at training batch sizes, and keeping every weight would bring back the
 full-precision memory QLoRA exists to avoid (BENCHMARKS.md, QLoRA / NF4).
 
+A dequantised weight that nothing keeps is written into a per-thread scratch buffer sized for the
+largest weight seen (``dense_for_step``), not a fresh tensor: a fresh 64 MiB output costs 30-200 ms
+of page faults at 4096² on CPU, 10-50× the decoding itself (BENCHMARKS.md, QLoRA / NF4). The buffer
+is one weight's worth per thread and dtype; ``free_dequant_scratch()`` returns it.
+
 State-dict layout matches bitsandbytes' ``Linear4bit``: ``weight`` (packed uint8, (n/2, 1)),
 ``bias``, and ``weight.absmax`` / ``weight.quant_map`` / ``weight.nested_absmax`` /
 ``weight.nested_quant_map`` / ``weight.quant_state.bitsandbytes__nf4``.
@@ -84,11 +89,47 @@ class KeptWeight:
 def keep_for_backward(weight: torch.Tensor) -> KeptWeight | None:
     """Reserve ``weight`` against the budget, or None if it doesn't fit (then recompute it)."""
     nbytes = weight.numel() * weight.element_size()
+    return KeptWeight(weight, nbytes) if _reserve(nbytes) else None
+
+
+def _reserve(nbytes: int) -> bool:
     with _keep_lock:
         if _keep["held"] + nbytes > _keep["budget"]:
-            return None
+            return False
         _keep["held"] += nbytes
-    return KeptWeight(weight, nbytes)
+    return True
+
+
+_scratch = threading.local()
+
+
+def free_dequant_scratch() -> None:
+    """Drop this thread's scratch buffers for transient dequantised weights (they regrow on demand)."""
+    _scratch.__dict__.clear()
+
+
+def _scratch_view(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = _scratch.__dict__.get(dtype)
+    if buf is None or buf.numel() < numel:
+        _scratch.__dict__.pop(dtype, None)  # free the old one before allocating the larger one
+        buf = _scratch.__dict__[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def dense_for_step(layer: Linear4bit, dtype: torch.dtype, keep: bool) -> tuple[torch.Tensor, KeptWeight | None]:
+    """The dense (out, in) weight for one matmul, and its reservation when ``keep`` and the budget allows.
+
+    A kept weight is a fresh tensor that lives until its ``KeptWeight`` is freed. Otherwise (CPU) the
+    weight is this thread's scratch buffer: valid only until the next transient dequantisation on this
+    thread, so use it at once and hold no reference (autograd must not save it).
+    """
+    numel = layer.out_features * layer.in_features
+    if keep and _reserve(numel * dtype.itemsize):
+        weight = layer.dequantize(dtype)
+        return weight, KeptWeight(weight, numel * dtype.itemsize)
+    if layer.weight.device.type != "cpu":  # the CUDA caching allocator reuses blocks: no page faults to save
+        return layer.dequantize(dtype), None
+    return layer.dequantize(dtype, out=_scratch_view(numel, dtype)), None
 
 
 class _Dequant4bitMatmul(torch.autograd.Function):
@@ -96,9 +137,8 @@ class _Dequant4bitMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
-        weight = layer.dequantize(x.dtype)  # (out, in)
+        weight, ctx.kept = dense_for_step(layer, x.dtype, keep=x.requires_grad)  # (out, in); no backward otherwise
         ctx.layer = layer
-        ctx.kept = keep_for_backward(weight) if x.requires_grad else None  # no backward otherwise
         return F.linear(x, weight)  # (..., out)
 
     @staticmethod
@@ -106,7 +146,7 @@ class _Dequant4bitMatmul(torch.autograd.Function):
         kept, ctx.kept = ctx.kept, None  # release the reservation as soon as it's used
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = kept.weight if kept is not None else ctx.layer.dequantize(grad_out.dtype)  # (out, in)
+        weight = kept.weight if kept is not None else dense_for_step(ctx.layer, grad_out.dtype, keep=False)[0]
         return grad_out @ weight.to(grad_out.dtype), None  # (..., in); the packed weight gets no gradient
 
 
@@ -188,9 +228,15 @@ class Linear4bit(nn.Module):
     def quant_type(self) -> str:
         return self.quant_state.quant_type
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out, in) weight, in ``dtype`` (default: the dtype it was quantised from)."""
-        return dequantize_4bit(self.weight, self.quant_state, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense (out, in) weight, in ``dtype`` (default: the dtype it was quantised from), written
+        into ``out`` (contiguous, out·in values of that dtype) if given."""
+        if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):  # the C loop is no torch op: name
+            with torch.profiler.record_function("lorakit::dequantize_4bit"):  # it for profiles (~20 µs a call,
+                weight = dequantize_4bit(self.weight, self.quant_state, dtype, out=out)  # so only then)
+        else:
+            weight = dequantize_4bit(self.weight, self.quant_state, dtype, out=out)
+        return weight.view(self.out_features, self.in_features)
 
     @torch.no_grad()
     def add_to_weight_(self, delta: torch.Tensor) -> None:

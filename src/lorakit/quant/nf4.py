@@ -174,11 +174,14 @@ def _check_pair(packed: object, state: object) -> QuantState:
 
 
 def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None
+    packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rebuild the tensor: ``w[i] = code[q_i] * absmax[i // blocksize]`` (fp32 math, then cast).
 
-    Returns shape ``state.shape`` in ``out_dtype`` (default ``state.dtype``)."""
+    Returns shape ``state.shape`` in ``out_dtype`` (default ``state.dtype``). ``out``: a contiguous
+    tensor of ``state.numel`` values in that dtype on packed's device to write into instead of a fresh
+    one (a large fresh output costs more in page faults than the decoding itself)."""
     state = _check_pair(packed, state)
     dtype = state.dtype if out_dtype is None else out_dtype
     if dtype not in SUPPORTED_DTYPES:
@@ -186,8 +189,13 @@ def dequantize_4bit(
     data = packed.reshape(-1)  # (ceil(n/2),)
     n, bs = state.numel, state.blocksize
     full = n - n % bs
+    if out is not None:
+        if out.dtype != dtype or out.numel() != n or not out.is_contiguous() or out.device != packed.device:
+            raise ValueError(f"out must be a contiguous {dtype} tensor of {n} values on {packed.device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        out = out.view(-1)
     if data.device.type == "cpu" and state.absmax.device.type == "cpu" and native.available(dtype):
-        out = torch.empty(n, dtype=dtype)
+        out = torch.empty(n, dtype=dtype) if out is None else out
         table = pair_table(state.quant_type)  # (256, 2) fp32
         native.dequant_full_blocks(data.contiguous(), _code(state.quant_type), table, state, out, full // bs)
         if full < n:
@@ -198,7 +206,7 @@ def dequantize_4bit(
     # One float64 word per byte holds its two float32 code values, so a single 1-D gather
     # expands every byte into both of its values.
     table = pair_table(state.quant_type).to(packed.device).view(torch.float64).view(-1)  # (256,)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    out = torch.empty(n, dtype=dtype, device=packed.device) if out is None else out
     step = max(bs, _DEQUANT_CHUNK // bs * bs)  # values per chunk
     buf = (
         None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lorakit.kernels as kernels
 from lorakit.core.layers.base import LoraLayer
-from lorakit.quant.linear4bit import KeptWeight, keep_for_backward
+from lorakit.quant.linear4bit import KeptWeight, dense_for_step
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -71,8 +71,7 @@ class LoraLinear(LoraLayer):
                 adapter.lora_a, adapter.lora_b, adapter.scaling,
             )
         if getattr(base, "lorakit_4bit", False):  # QLoRA: one dequantisation for forward (and backward if kept)
-            weight = base.dequantize(x.dtype)  # (out, in), no grad
-            kept = keep_for_backward(weight) if x.requires_grad else None
+            weight, kept = dense_for_step(base, x.dtype, keep=x.requires_grad)  # (out, in); scratch unless kept
             return _FusedLoraLinear.apply(
                 x, x_lora if x_lora is not x else None, weight, base.bias, adapter.lora_a, adapter.lora_b,
                 adapter.scaling, base if kept is None else kept,
@@ -134,7 +133,8 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     ``weight_src`` (4-bit bases only): where backward gets W — the Linear4bit to dequantise it
     again (nothing dense is held between forward and backward), or a ``KeptWeight`` holding the
-    forward's copy within the keep budget (``lorakit.quant.set_dequant_keep_budget``).
+    forward's copy within the keep budget (``lorakit.quant.set_dequant_keep_budget``). A weight not
+    kept is the thread's dequantisation scratch buffer, so it is never saved for backward.
     """
 
     @staticmethod
@@ -166,7 +166,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         grad_x = grad_xd = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             if src is not None:  # 4-bit base: the forward's copy if kept, else dequantised again
-                weight = src.weight if isinstance(src, KeptWeight) else src.dequantize(g.dtype)
+                weight = src.weight if isinstance(src, KeptWeight) else dense_for_step(src, g.dtype, keep=False)[0]
             grad_x = g @ weight  # (T, in); no gradient is ever formed for the frozen W
             if ctx.shared_input:
                 grad_x.addmm_(g_b, lora_a, alpha=s)
