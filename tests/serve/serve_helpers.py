@@ -162,3 +162,28 @@ class ServerProcess:
                 self.proc.wait(timeout=10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def submit_all(engine, jobs, timeout: float = 120.0) -> list[list]:
+    """Submit every (ids, adapter, params) job to a running engine at once; each job's events (none failed)."""
+    import threading
+
+    from lorakit.serve.engine import GenerationRequest
+
+    events: list[list] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def listener(i):
+        def on_event(ev):
+            events[i].append(ev)
+            if ev.final:
+                done.release()
+        return on_event
+
+    for i, (ids, adapter, params) in enumerate(jobs):
+        engine.submit(GenerationRequest(list(ids), params, listener(i), adapter=adapter))
+    for _ in jobs:
+        assert done.acquire(timeout=timeout), "engine did not finish in time"
+    for evs in events:
+        assert evs[-1].error is None, evs[-1].error
+    return events

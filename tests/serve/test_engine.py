@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from serve_helpers import make_tokenizer, shared_model_dirs
+from serve_helpers import make_tokenizer, shared_model_dirs, submit_all
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import lorakit
@@ -48,26 +48,8 @@ def engine(dirs):
 
 def run(engine: Engine, jobs, timeout: float = 60.0) -> list[tuple[str, str, int]]:
     """Submit all jobs at once; (text, finish_reason, completion_tokens) per job."""
-    results: dict[int, list] = {i: [] for i in range(len(jobs))}
-    done = threading.Semaphore(0)
-
-    def listener(i):
-        def on_event(ev):
-            results[i].append(ev)
-            if ev.final:
-                done.release()
-        return on_event
-
-    for i, (ids, adapter, params) in enumerate(jobs):
-        engine.submit(GenerationRequest(list(ids), params, listener(i), adapter=adapter))
-    for _ in jobs:
-        assert done.acquire(timeout=timeout), "engine did not finish in time"
-    out = []
-    for i in range(len(jobs)):
-        evs = results[i]
-        assert evs[-1].error is None, evs[-1].error
-        out.append(("".join(e.text for e in evs), evs[-1].finish_reason, evs[-1].completion_tokens))
-    return out
+    return [("".join(e.text for e in evs), evs[-1].finish_reason, evs[-1].completion_tokens)
+            for evs in submit_all(engine, jobs, timeout)]
 
 
 def random_jobs(n: int, seed: int, temperature: float = 0.0):

@@ -4,15 +4,13 @@ and token ids; and the API's token strings / shapes built from them."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from serve_helpers import make_tokenizer, shared_model_dirs
+from serve_helpers import make_tokenizer, shared_model_dirs, submit_all
 from tolerance import EPS32, fp32_atol
 
 from lorakit.core.model import LoraModel
-from lorakit.serve.engine import Engine, GenerationRequest, load_base_model
+from lorakit.serve.engine import Engine, load_base_model
 from lorakit.serve.generation import SamplingParams, TokenLogprob, token_logprobs
 from lorakit.serve.logprobs import ChatLogprobs, CompletionLogprobs
 from lorakit.serve.registry import AdapterRegistry
@@ -57,23 +55,7 @@ def peft_log_softmax(dirs, adapter: str, ids: list[int]) -> tuple[torch.Tensor, 
 
 def run_all(engine: Engine, jobs) -> list[list]:
     """Submit every (ids, adapter, params) at once; each job's events."""
-    events: list[list] = [[] for _ in jobs]
-    done = threading.Semaphore(0)
-
-    def listener(i):
-        def on_event(ev):
-            events[i].append(ev)
-            if ev.final:
-                done.release()
-        return on_event
-
-    for i, (ids, adapter, params) in enumerate(jobs):
-        engine.submit(GenerationRequest(list(ids), params, listener(i), adapter=adapter))
-    for _ in jobs:
-        assert done.acquire(timeout=120), "engine did not finish in time"
-    for evs in events:
-        assert evs[-1].error is None, evs[-1].error
-    return events
+    return submit_all(engine, jobs)
 
 
 def assert_scores_match(entries: list[TokenLogprob], tokens: list[int], want: torch.Tensor, logits: torch.Tensor,

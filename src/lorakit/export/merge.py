@@ -193,16 +193,10 @@ def merge_to_gguf(base_dir: str | os.PathLike, adapter_dirs: list[str | os.PathL
 
 def merged_model(base_dir: Path, adapter_dirs: list[Path], weights: list[float] | None = None):
     """(base with the adapters folded in, fp32; the base checkpoint's dtype name; "nf4 ..." if it was 4-bit)."""
-    from lorakit.core.model import LoraModel
+    from lorakit.export.adapters import attach_adapters
 
     model, source_dtype, quant = load_base(base_dir)
-    names = [f"adapter{i}" for i in range(len(adapter_dirs))]
-    lora = LoraModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
-    for name, folder in zip(names[1:], adapter_dirs[1:]):
-        lora.load_adapter(folder, adapter_name=name)
-    if weights is not None and any(w != 1.0 for w in weights):
-        lora.add_weighted_adapter(names, weights, "merged", combination_type="cat")
-        names = ["merged"]
+    lora, names = attach_adapters(model, adapter_dirs, weights)
     lora.set_adapter(names)
     try:
         merged = lora.merge_and_unload(names)

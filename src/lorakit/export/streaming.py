@@ -41,6 +41,7 @@ from lorakit.core.model import LoraModel
 from lorakit.core.state_dict import adapter_tensor_refs
 from lorakit.core.targeting import named_wrappers
 from lorakit.core.trainable_tokens import TrainableTokens
+from lorakit.export.adapters import attach_adapters
 from lorakit.quant.loading import TensorReader, checkpoint_files, empty_weights
 
 logger = logging.getLogger(__name__)
@@ -209,14 +210,8 @@ class StreamingMerge:
                 super().add_adapter(adapter_name, config, *args, **kwargs)
                 plan._materialise_adapter(self, adapter_name, config)
 
-        names = [f"adapter{i}" for i in range(len(adapter_dirs))]
         with _adapters_on_cpu():
-            lora = MetaBaseLoraModel.from_pretrained(skeleton, adapter_dirs[0], adapter_name=names[0])
-            for name, folder in zip(names[1:], adapter_dirs[1:]):
-                lora.load_adapter(folder, adapter_name=name)
-            if weights is not None and any(w != 1.0 for w in weights):
-                lora.add_weighted_adapter(names, weights, "merged", combination_type="cat")
-                names = ["merged"]
+            lora, names = attach_adapters(skeleton, adapter_dirs, weights, lora_class=MetaBaseLoraModel)
         lora.set_adapter(names)
         self.names = names
         layers = list(lora.lora_layers())
