@@ -103,8 +103,12 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_restarts_clean(dir
         t.start()
     with httpx.Client(base_url=server.url, timeout=30) as http:
         deadline = time.monotonic() + 30
-        while _metrics(http)[("lorakit_running_rows", ())] < 1 and time.monotonic() < deadline:
+        def accepted(m) -> float:  # running or queued: every request reached the engine before the signal
+            return m[("lorakit_running_rows", ())] + m[("lorakit_queue_depth", ())]
+
+        while accepted(_metrics(http)) < len(threads) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert accepted(_metrics(http)) == len(threads), "the requests did not all reach the engine in 30 s"
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         refused = http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2})

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit.core.adapter_weights import peft_key
+
 
 def random_llama(folder: Path, hidden: int, layers: int, shard: str | int, vocab: int = 32000, seed: int = 0) -> int:
     """A random fp32 Llama checkpoint written tensor by tensor (never the whole model in memory); its bytes."""
@@ -49,9 +51,9 @@ def random_adapter(folder: Path, hidden: int, layers: int, rank: int = 16, seed:
     tensors = {}
     for i in range(layers):
         for name, (out_f, in_f) in shapes.items():
-            stem = f"base_model.model.model.layers.{i}.{name}"
-            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) * 0.02
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.02
+            path = f"model.layers.{i}.{name}"
+            tensors[peft_key(path, "linear", "lora_a")] = torch.randn(rank, in_f, generator=gen) * 0.02
+            tensors[peft_key(path, "linear", "lora_b")] = torch.randn(out_f, rank, generator=gen) * 0.02
     folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "task_type": "CAUSAL_LM",
