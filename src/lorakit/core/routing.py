@@ -21,9 +21,12 @@ make that cost what the rank arithmetic costs, whatever the number of adapters i
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import contextlib
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
+
+from lorakit.errors import AdapterError
 
 # What gathering one factor element costs, in units of one multiply-add of the LoRA product (CPU,
 # fp32; read off benchmarks/bench_mixed.py: copying a factor is several times dearer per element
@@ -40,6 +43,27 @@ class RouteHolder:
 
     def __init__(self) -> None:
         self.current: RowRouting | None = None
+
+    @contextlib.contextmanager
+    def rows(self, adapter_names: Sequence[str | None] | None, slots: Mapping[str, int],
+             pooled: Collection[str] = ()) -> Iterator[None]:
+        """Route the forward inside the block: row i through ``adapter_names[i]`` (None: the base).
+
+        `slots` is the model's :class:`SlotTable` mapping (every name must be in it), `pooled` its
+        served adapters. ``adapter_names=None`` routes nothing (the active adapters apply).
+        """
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n is not None and n not in slots})
+        if unknown:
+            raise AdapterError(f"adapter_names has unknown adapters {unknown}; adapters: {sorted(slots)}")
+        # one shared holder read by every wrapper: O(1) per forward, not a walk over the wrappers
+        self.current = RowRouting(adapter_names, slots, pooled)
+        try:
+            yield
+        finally:
+            self.current = None
 
 
 class Routed:
