@@ -1,9 +1,13 @@
 """Per-process peak memory of LoRA training under torchrun (train.parallel: fsdp / ddp), beside `lorakit plan`.
 
     PYTHONPATH=src python benchmarks/bench_fsdp_memory.py [--processes 1 2 4] [--quant none nf4]
+        [--model smollm2-135m-instruct] [--steps 2] [--seq 128]
 
-Model: a 4-layer Llama-512 (hidden 512, intermediate 1536, 8 heads, vocab 8000, untied head), random
-init, fp32; LoRA r16 on all linear layers; each process trains 2 AdamW steps on 1 × 128 random tokens.
+Model: by default a 4-layer Llama-512 (hidden 512, intermediate 1536, 8 heads, vocab 8000, untied
+head), random init; with --model, any base lorakit.models.resolve_base takes (a preset such as
+smollm2-135m-instruct, a checkpoint folder), loaded from its checkpoint as ``lorakit train`` loads it
+(lorakit.train.presets.load_base). fp32; LoRA r16 on all linear layers; each process trains
+--steps AdamW steps (2) on --batch × --seq random tokens (1 × 128).
 Method as lorakit.analysis.measure (the 1-process planner check): in every process, peak =
 VmHWM during the steps − VmRSS before the model is built; VmHWM is reset once the model is built,
 quantised, wrapped, sharded and the optimizer exists. One difference: the baseline is taken after a
@@ -39,14 +43,17 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def build(config, args, info):  # noqa: ANN001, ANN201
+def build(config, args, info, folder: str | None = None):  # noqa: ANN001, ANN201
     import torch
 
     import lorakit
     from lorakit.analysis.plan import build_model
     from lorakit.train import distributed
+    from lorakit.train.presets import load_base
 
-    model = build_model(config, torch.float32, device="cpu")
+    # a real checkpoint is loaded the way `lorakit train` loads its base; the default model is random init
+    model = load_base(folder, mmap=args.quant == "none") if folder else build_model(config, torch.float32, device="cpu")
+    model.train()
     if args.quant == "nf4":
         lorakit.quantize_model(model, "nf4", double_quant=True, skip=("lm_head",))
     model = lorakit.get_lora_model(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -87,17 +94,18 @@ def worker(args: argparse.Namespace) -> None:
     raw0 = status_bytes("VmRSS")
     small = copy.deepcopy(config)
     small.num_hidden_layers, small.vocab_size = 1, 256
-    train_steps(*build(small, args, info), input_ids % 256, info)  # warm-up; everything it built is freed
+    train_steps(*build(small, args, info), input_ids % 256, info, args.steps)  # warm-up; everything it built is freed
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := current RSS, so "load" is the model's own build
     rss0 = status_bytes("VmRSS")
-    model, params, optimizer = build(config, args, info)
+    weights = args.model if args.load and any(Path(args.model).glob("*.safetensors")) else None
+    model, params, optimizer = build(config, args, info, weights)
     load = status_bytes("VmHWM") - rss0
     resident = status_bytes("VmRSS") - rss0
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := current RSS
-    train_steps(model, params, optimizer, input_ids, info)
+    train_steps(model, params, optimizer, input_ids, info, args.steps)
     hwm = status_bytes("VmHWM")
     rows = distributed.gather_objects({"rank": info.rank, "peak": hwm - rss0, "raw": hwm - raw0, "load": load,
                                        "resident": resident},
@@ -122,8 +130,11 @@ def main() -> int:
     parser.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2, help="AdamW steps per process (2)")
+    parser.add_argument("--model", help="a base lorakit.models.resolve_base takes (a preset such as "
+                        "smollm2-135m-instruct, or a checkpoint folder); default: a random 4-layer Llama-512")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -132,10 +143,16 @@ def main() -> int:
         return 0
     from transformers import LlamaConfig
 
-    folder = tempfile.mkdtemp(prefix="llama512x4-")
-    LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False,
-                architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+    from lorakit.models import resolve_base
+
+    work = tempfile.mkdtemp(prefix="fsdpmem-")
+    if args.model:
+        folder, load = str(resolve_base(args.model)), ["--load"]
+    else:
+        folder, load = work, []
+        LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False,
+                    architectures=["LlamaForCausalLM"]).save_pretrained(folder)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1")
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -144,11 +161,11 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for quant in args.quant:
         for n in args.processes:
-            out = Path(folder) / f"{quant}-{n}.json"
+            out = Path(work) / f"{quant}-{n}.json"
             cmd = [torchrun, "--standalone", "--nproc_per_node", str(n), __file__, "--worker", "--model", folder,
                    "--quant", quant, "--parallel", args.parallel, "--batch", str(args.batch), "--seq",
-                   str(args.seq), "--out", str(out)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+                   str(args.seq), "--steps", str(args.steps), "--out", str(out), *load]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-3000:])
             rows = json.loads(out.read_text())

@@ -148,3 +148,24 @@ def test_smollm2_conversion_without_gguf_is_a_clear_error(monkeypatch, tmp_path)
         models.smollm2_path()
     assert not any(tmp_path.rglob("*.safetensors"))
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_base_loaded_for_quantisation_leaves_no_mapping_of_its_checkpoint(tmp_path):
+    """mmap=False (what `lorakit train` uses for a 4-bit base) reads the checkpoint instead of mapping it:
+    a mapping stays resident while any tensor views it (the tied embedding outlives quantisation)."""
+    base = save_base(tmp_path / "tied", tie_word_embeddings=True)
+    weights = str((base / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return weights in Path("/proc/self/maps").read_text()
+
+    read_model = lorakit.load_base(str(base), "causal_lm", mmap=False)
+    lorakit.quantize_model(read_model, "nf4", skip=("lm_head",))
+    assert not mapped()
+    mapped_model = lorakit.load_base(str(base), "causal_lm")
+    read_fp32 = lorakit.load_base(str(base), "causal_lm", mmap=False)  # the same weights either way
+    for (name, got), (_, want) in zip(read_fp32.state_dict().items(), mapped_model.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
+    lorakit.quantize_model(mapped_model, "nf4", skip=("lm_head",))
+    assert mapped()  # the default (fp32 training) maps, as transformers does: the premise of mmap=False

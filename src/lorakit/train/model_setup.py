@@ -48,8 +48,9 @@ def build_model(cfg: TrainConfig, labels: list[str] | None, run_dir: Path | None
         if labels and num_labels < len(labels):
             raise ConfigError(f"model.num_labels={num_labels} is fewer than the {len(labels)} labels {labels}")
     try:
+        # a base to be quantised is read, not mapped: see load_base (mmap)
         base = load_base(cfg.model.name_or_path, task, num_labels, cfg.model.torch_dtype, cfg.model.overrides,
-                         cfg.train.seed)
+                         cfg.train.seed, mmap=cfg.quant.method == "none")
     except Exception as exc:  # transformers' config validators raise several types
         if not cfg.model.overrides or isinstance(exc, ConfigError):
             raise
@@ -132,9 +133,10 @@ def load_trained(adapter_dir: str | Path, base: str | None = None, merge: bool =
     if not base:
         raise ConfigError(f"{adapter_dir} has no {META_NAME}; pass --base (a preset or a checkpoint folder)")
     task = meta.get("task", "causal_lm")
+    quant = meta.get("quant")
     model = load_base(base, task, meta.get("num_labels"), meta.get("torch_dtype", "float32"),
-                      meta.get("overrides"))
-    model = quantize_base(model, meta.get("quant"))  # the adapter was trained on this (4-bit) base
+                      meta.get("overrides"), mmap=not quant or quant.get("method", "none") == "none")
+    model = quantize_base(model, quant)  # the adapter was trained on this (4-bit) base
     lora = LoraModel.from_pretrained(model, adapter_dir)
     has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir)) if has_tokenizer else load_tokenizer(base)

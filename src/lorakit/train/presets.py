@@ -43,11 +43,14 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 
 def load_base(name_or_path: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
-              overrides: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
+              overrides: dict[str, Any] | None = None, seed: int = 0, mmap: bool = True) -> nn.Module:
     """The frozen-to-be base model: a preset, checkpoint folder or Hugging Face id (see lorakit.models).
 
     task: ``causal_lm`` or ``classification`` (then `num_labels` is needed). Random parts
-    (tiny-llama, a new classifier head) use `seed`.
+    (tiny-llama, a new classifier head) use `seed`. mmap=False reads the checkpoint into memory
+    instead of mapping it: for a base that will be quantised, because a mapping stays resident
+    (counted in the process's RSS) while any tensor still views it (a tied embedding does), so
+    the fp32 pages the 4-bit weights replace would never be given back.
     """
     torch_dtype = getattr(torch, dtype)
     overrides = dict(overrides or {})
@@ -66,10 +69,11 @@ def load_base(name_or_path: str, task: str = "causal_lm", num_labels: int | None
         if num_labels is None:
             raise ConfigError("a classification base needs num_labels")
         config.num_labels = num_labels
-        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=torch_dtype)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=torch_dtype,
+                                                                  disable_mmap=not mmap)
     if name_or_path == "minilm":
         raise ConfigError("minilm is an encoder (BERT): use it for classification (data.format: classification)")
-    return AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype, disable_mmap=not mmap)
 
 
 def save_base(model: nn.Module, tokenizer: Any, folder: Path) -> None:
