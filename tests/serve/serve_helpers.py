@@ -164,8 +164,11 @@ class ServerProcess:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def submit_all(engine, jobs, timeout: float = 120.0) -> list[list]:
-    """Submit every (ids, adapter, params) job to a running engine at once; each job's events (none failed)."""
+def submit_all(engine, jobs, timeout: float = 120.0, start: bool = False) -> list[list]:
+    """Submit every (ids, adapter, params) job to a running engine at once; each job's events (none failed).
+
+    With `start`, the engine is started only after every job is queued, so all are admitted together.
+    """
     import threading
 
     from lorakit.serve.engine import GenerationRequest
@@ -182,6 +185,8 @@ def submit_all(engine, jobs, timeout: float = 120.0) -> list[list]:
 
     for i, (ids, adapter, params) in enumerate(jobs):
         engine.submit(GenerationRequest(list(ids), params, listener(i), adapter=adapter))
+    if start:
+        engine.start()
     for _ in jobs:
         assert done.acquire(timeout=timeout), "engine did not finish in time"
     for evs in events:

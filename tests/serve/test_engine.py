@@ -46,10 +46,10 @@ def engine(dirs):
     eng.stop()
 
 
-def run(engine: Engine, jobs, timeout: float = 60.0) -> list[tuple[str, str, int]]:
+def run(engine: Engine, jobs, timeout: float = 60.0, start: bool = False) -> list[tuple[str, str, int]]:
     """Submit all jobs at once; (text, finish_reason, completion_tokens) per job."""
     return [("".join(e.text for e in evs), evs[-1].finish_reason, evs[-1].completion_tokens)
-            for evs in submit_all(engine, jobs, timeout)]
+            for evs in submit_all(engine, jobs, timeout, start=start)]
 
 
 def random_jobs(n: int, seed: int, temperature: float = 0.0):
@@ -68,6 +68,25 @@ def test_mixed_adapter_batch_equals_each_request_alone(engine):
     assert together == alone
     assert engine.stats.max_rows == 8 and engine.stats.max_adapters == 4 >= before
     assert {r[1] for r in alone} <= {"stop", "length"}
+
+
+def test_batched_prefill_of_mixed_lengths_and_adapters_equals_each_request_alone(engine, dirs):
+    """Requests waiting together are prefilled in one left-padded forward; greedy tokens don't change."""
+    rng = random.Random(5)
+    lengths = [1, 17, 4, 30, 9, 2, 23, 12]  # very different paddings in one forward
+    adapters = [None, "a", "b", "c", "a", None, "c", "b"]
+    jobs = [([rng.randrange(7, 120) for _ in range(n)], adapter,
+             SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2 if i == 3 else None))
+            for i, (n, adapter) in enumerate(zip(lengths, adapters))]
+    alone = [run(engine, [job])[0] for job in jobs]  # each prefilled alone (batch 1, unpadded)
+    fresh = make_engine(dirs)
+    try:
+        together = run(fresh, jobs, start=True)  # queued before the worker starts: admitted together
+        assert fresh.stats.prefill_batches == 1 and fresh.stats.max_prefill_rows == 8
+        assert fresh.stats.prompt_tokens == sum(lengths)
+    finally:
+        fresh.stop()
+    assert together == alone
 
 
 def test_seeded_sampling_is_the_same_batched_or_alone(engine):

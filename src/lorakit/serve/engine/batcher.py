@@ -3,9 +3,11 @@
 Scheduling (one loop iteration):
 
 1. run admin commands (adapter load / unload) queued by the HTTP side, between steps;
-2. admit waiting requests while the batch has room: make sure the request's adapter is in memory
-   (the registry may evict an unused one), run the request's prefill alone (batch 1, no padding)
-   and sample its first token; its KV cache joins the batch cache (:class:`BatchCache`);
+2. admit waiting requests while the batch has room: make sure each request's adapter is in memory
+   (the registry may evict an unused one), then prefill all of them in ONE forward (left-padded to
+   the longest prompt, an attention mask and per-row position ids, one adapter per row, logits for
+   the last position only) and sample their first tokens; their KV caches join the batch cache
+   (:class:`BatchCache`), one batched forward being much cheaper than one forward per prompt;
 3. one decode step over ALL running rows: a single forward with ``adapter_names=[...]`` (one
    adapter or None per row — the core's mixed-batch path, no loop over rows or adapters), the
    batch KV cache, a 2-D attention mask hiding each row's left padding and per-row position ids;
@@ -14,7 +16,7 @@ Scheduling (one loop iteration):
 
 A request that asks for logprobs gets, with each event, the chosen tokens' ``log_softmax`` of the
 step's raw logits and their top-k (:func:`~lorakit.serve.generation.token_logprobs`); one that asks
-for prompt logprobs (echo) is prefilled with logits for every position instead of the last only,
+for prompt logprobs (echo) is prefilled alone, with logits for every position instead of the last only,
 and ``max_tokens=0`` stops right after that prefill (prompt scoring).
 
 Each row samples with its own ``torch.Generator`` (seeded per request), so a seeded request gives
@@ -30,7 +32,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,10 +41,10 @@ from transformers import DynamicCache
 
 from lorakit.core.model import LoraModel
 from lorakit.serve.engine.host import forward
-from lorakit.serve.engine.kv import BatchCache
+from lorakit.serve.engine.kv import BatchCache, left_padded
+from lorakit.serve.engine.requests import EngineStats, GenerationEvent, GenerationRequest
 from lorakit.serve.errors import EngineError, Overloaded, ServeError
 from lorakit.serve.generation import (
-    SamplingParams,
     TextStream,
     TokenLogprob,
     prompt_logprobs,
@@ -56,37 +57,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerationEvent:
-    """What the worker tells a request: new text, and at the end why it stopped (or an error)."""
-
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS / stop string) | "length" | "cancelled"
-    error: ServeError | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # the tokens generated since the previous event (those whose text this event carries or held back)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the request's first event, when asked for
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_event: Callable[[GenerationEvent], None]  # called on the worker thread; must not block
-    adapter: str | None = None  # registry key; None = the base model
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    cancelled: bool = False  # set by the HTTP side (timeout, client gone); the worker drops the row
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
 class _Row:
     request: GenerationRequest
     generator: torch.Generator
@@ -96,18 +66,6 @@ class _Row:
     generated: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent with an event
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent with the first event
-
-
-@dataclass
-class EngineStats:
-    prefills: int = 0
-    steps: int = 0
-    decode_tokens: int = 0
-    max_rows: int = 0  # largest batch a decode step ran
-    max_adapters: int = 0  # most distinct adapters (incl. base) in one decode step
-    failures: int = 0
-    prompt_tokens: int = 0  # tokens prefilled
-    generated_tokens: int = 0  # tokens sampled (first tokens from prefills included)
 
 
 class Engine:
@@ -124,6 +82,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self._rows: list[_Row] = []
+        self._admitting: list[GenerationRequest] = []  # admitted this iteration, being prefilled
         self._cache = BatchCache()
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
 
@@ -174,8 +133,9 @@ class Engine:
         return len(self._rows)
 
     def pinned(self) -> frozenset[str]:
-        """Adapters the running rows use (worker thread): they must stay in memory."""
-        return frozenset(r.request.adapter for r in self._rows if r.request.adapter is not None)
+        """Adapters the running rows and the requests being prefilled use (worker thread): they stay in memory."""
+        return frozenset(r.request.adapter for r in self._rows if r.request.adapter is not None) | _adapters(
+            self._admitting)
 
     # ------------------------------------------------------------------ worker thread
     def _loop(self) -> None:
@@ -206,8 +166,9 @@ class Engine:
         self._shutdown()
 
     def _admit(self) -> None:
+        admitted: list[GenerationRequest] = []
         blocked = []
-        while len(self._rows) < self.max_batch:
+        while len(self._rows) + len(admitted) < self.max_batch:
             with self._cv:
                 if not self._pending:
                     break
@@ -215,44 +176,124 @@ class Engine:
             if request.cancelled:
                 continue
             try:
-                if not self.registry.ensure_loaded(request.adapter, self.pinned()):
+                # the adapters of requests admitted but not yet prefilled must stay loaded too
+                if not self.registry.ensure_loaded(request.adapter, self.pinned() | _adapters(admitted)):
                     blocked.append(request)  # every adapter slot is in use: wait for rows to finish
                     continue
-                self._prefill(request)
             except ServeError as exc:
                 _emit(request, GenerationEvent(error=exc))
-            except Exception as exc:
-                logger.exception("prefill failed for request %s", request.request_id)
-                self.stats.failures += 1
-                _emit(request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
+                continue
+            admitted.append(request)
         if blocked:
             with self._cv:
                 self._pending.extendleft(reversed(blocked))
-
-    def _prefill(self, request: GenerationRequest) -> None:
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long)  # (1, L)
-        cache = DynamicCache(config=self.model.config)
-        params = request.params
-        scored = params.prompt_logprobs is not None  # echo: logits for every prompt position
-        all_logits = forward(self.model, ids, [request.adapter], kv_cache=cache, last_only=not scored)[0]  # (L|1, V)
-        logits = all_logits[-1:].float()  # (1, V)
-        self.stats.prefills += 1
-        self.stats.prompt_tokens += len(request.prompt_ids)
-        row = _Row(request, params.make_generator(), TextStream(self.tokenizer, params.stop),
-                   limit=min(params.max_tokens, self.max_context - len(request.prompt_ids)))
-        if not bool(torch.isfinite(all_logits).all()):
-            raise EngineError("the model produced non-finite logits for this prompt (a broken adapter?)")
-        if scored:
-            row.prompt_logprobs = prompt_logprobs(all_logits.float(), request.prompt_ids, params.prompt_logprobs)
-        if row.limit == 0:  # scoring only: nothing to generate, the row never joins the batch
-            _emit(request, GenerationEvent(finish_reason="length", prompt_tokens=len(request.prompt_ids),
-                                           prompt_logprobs=row.prompt_logprobs))
+        if not admitted:
             return
-        token = sample_rows(logits, [params], [row.generator])[0]
-        self._cache.join(cache, len(request.prompt_ids))
-        self._rows.append(row)
-        if self._accept(row, token, token_logprobs(logits, [token], [params.logprobs])[0]):
-            self._keep([i for i, r in enumerate(self._rows) if r is not row])
+        # one batched prefill for every plain request; an echo request (logits at every prompt position,
+        # B x L x V floats) is prefilled alone, unpadded, so its prompt logprobs are those of a lone run
+        plain = [r for r in admitted if r.params.prompt_logprobs is None]
+        groups = [[r] for r in admitted if r.params.prompt_logprobs is not None] + ([plain] if plain else [])
+        self._admitting = admitted
+        try:
+            for group in groups:
+                self._prefill_guarded(group)
+        finally:
+            self._admitting = []
+
+    def _prefill_guarded(self, requests: list[GenerationRequest]) -> None:
+        """Prefill a group; if its forward raises, each request alone, so only the guilty one fails."""
+        try:
+            all_logits, cache = self._prefill_forward(requests)
+        except Exception as exc:
+            if len(requests) > 1:
+                logger.warning("batched prefill of %d requests failed (%s); prefilling each alone",
+                               len(requests), exc)
+                for request in requests:
+                    self._prefill_guarded([request])
+            else:
+                self._fail_prefill(requests, exc)
+            return
+        try:
+            self._start_rows(requests, all_logits, cache)
+        except Exception as exc:  # a bug past the forward: these requests fail, the running rows go on
+            self._fail_prefill(requests, exc)
+
+    def _fail_prefill(self, requests: list[GenerationRequest], exc: Exception) -> None:
+        if not isinstance(exc, ServeError):
+            logger.error("prefill failed for %d request(s)", len(requests), exc_info=exc)
+            self.stats.failures += 1
+            exc = EngineError(f"generation failed: {exc}")
+        for request in requests:
+            _emit(request, GenerationEvent(error=exc))
+
+    def _prefill_forward(self, requests: list[GenerationRequest]) -> tuple[torch.Tensor, DynamicCache]:
+        """One forward over the prompts, left-padded to the longest: logits (k, W or 1, V) and the KV cache."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        k = len(requests)
+        scored = requests[0].params.prompt_logprobs is not None  # echo: alone, logits for every position
+        ids, mask, positions = left_padded([r.prompt_ids for r in requests])  # (k, W) each
+        # one prompt: no padding, no mask, exactly the unbatched forward
+        kwargs = {"attention_mask": mask, "position_ids": positions} if k > 1 else {}
+        cache = DynamicCache(config=self.model.config)
+        all_logits = forward(self.model, ids, [r.adapter for r in requests], kv_cache=cache,
+                             last_only=not scored, **kwargs)
+        self.stats.prefills += k
+        self.stats.prefill_batches += 1
+        self.stats.max_prefill_rows = max(self.stats.max_prefill_rows, k)
+        self.stats.prompt_tokens += sum(lengths)
+        return all_logits, cache
+
+    def _start_rows(self, requests: list[GenerationRequest], all_logits: torch.Tensor, cache: DynamicCache
+                    ) -> None:
+        """First tokens from a prefill's logits; the rows that go on join the running batch and its cache."""
+        lengths = [len(r.prompt_ids) for r in requests]
+        k = len(requests)
+        scored = requests[0].params.prompt_logprobs is not None
+        logits = all_logits[:, -1].float()  # (k, V): left padding puts every row's last token last
+        finite = torch.isfinite(all_logits if scored else logits).flatten(1).all(dim=1).tolist()
+        rows = [_Row(r, r.params.make_generator(), TextStream(self.tokenizer, r.params.stop),
+                     limit=min(r.params.max_tokens, self.max_context - n)) for r, n in zip(requests, lengths)]
+        tokens = self._sample_each(torch.nan_to_num(logits), rows)
+        scores = self._logprobs_each(logits, rows, tokens, finite)
+        joining = []
+        for i, row in enumerate(rows):
+            request = row.request
+            if not finite[i]:
+                _emit(request, GenerationEvent(
+                    error=EngineError("the model produced non-finite logits for this prompt (a broken adapter?)")))
+                continue
+            if scored:
+                row.prompt_logprobs = prompt_logprobs(all_logits[0].float(), request.prompt_ids,
+                                                      request.params.prompt_logprobs)
+            if row.limit == 0:  # scoring only: nothing to generate, the row never joins the batch
+                _emit(request, GenerationEvent(finish_reason="length", prompt_tokens=lengths[i],
+                                               prompt_logprobs=row.prompt_logprobs))
+                continue
+            if isinstance(tokens[i], Exception):
+                logger.error("sampling failed for request %s", request.request_id, exc_info=tokens[i])
+                self.stats.failures += 1
+                _emit(request, GenerationEvent(error=EngineError(f"generation failed: {tokens[i]}")))
+                continue
+            joining.append(i)
+        if not joining:
+            return
+        if len(joining) < k:
+            cache.batch_select_indices(torch.tensor(joining, dtype=torch.long))
+        first = len(self._rows)
+        self._cache.join(cache, [lengths[i] for i in joining])
+        self._rows.extend(rows[i] for i in joining)
+        keep = list(range(first))
+        for j, i in enumerate(joining):
+            row = rows[i]
+            try:
+                if not self._accept(row, tokens[i], scores[i]):
+                    keep.append(first + j)
+            except Exception as exc:  # this row's request fails; the others go on
+                logger.exception("row of request %s failed", row.request.request_id)
+                self.stats.failures += 1
+                _emit(row.request, GenerationEvent(error=EngineError(f"generation failed: {exc}")))
+        if len(keep) < len(self._rows):
+            self._keep(keep)
 
     def _step(self) -> None:
         live = [i for i, r in enumerate(self._rows) if not r.request.cancelled]
@@ -369,6 +410,10 @@ def _emit(request: GenerationRequest, event: GenerationEvent) -> None:
         request.on_event(event)
     except Exception:  # a listener that went away must not stop the engine
         logger.debug("event listener for %s failed", request.request_id, exc_info=True)
+
+
+def _adapters(requests: list[GenerationRequest]) -> frozenset[str]:
+    return frozenset(r.adapter for r in requests if r.adapter is not None)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

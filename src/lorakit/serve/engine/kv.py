@@ -3,8 +3,8 @@
 Row i holds ``lengths[i]`` real positions, right-aligned: the first ``T - lengths[i]`` positions are
 padding that the attention mask hides (``mask[i, :T - lengths[i]] == 0``) and RoPE never sees (each
 row's ``position_ids`` count only its real tokens). A decode step appends one column for every
-row. Rows join (their own prefill cache, padded on the left to the common length, or the batch
-padded to theirs) and leave (rows dropped, then columns that are padding in every remaining row
+row. Rows join (their prefill's cache, one row or a left-padded batch, padded on the left to the
+common length, or the batch padded to theirs) and leave (rows dropped, then columns that are padding in every remaining row
 trimmed), so the batch never holds more columns than its longest row.
 
 Padding never changes a row's result beyond float rounding: masked positions get probability 0.
@@ -39,12 +39,23 @@ class BatchCache:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def join(self, row_cache: DynamicCache, length: int) -> None:
-        """Append one row (a batch-1 prefill cache holding `length` positions)."""
-        _check_layers(row_cache)
+    def join(self, new_cache: DynamicCache, lengths: int | list[int]) -> None:
+        """Append the rows of a prefill cache: `lengths[i]` real positions in row i, right-aligned.
+
+        A batched prefill's cache is left-padded to its longest prompt (a batch-1 one is not padded);
+        an int means one row.
+        """
+        _check_layers(new_cache)
+        lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        length = max(lengths)
+        cols = new_cache.layers[0].keys.shape[2]
+        if cols > length:  # rows were dropped after the prefill: columns that are padding everywhere go
+            for layer in new_cache.layers:
+                layer.keys = layer.keys[:, :, cols - length:, :]
+                layer.values = layer.values[:, :, cols - length:, :]
+        new_mask = (torch.arange(length)[None, :] >= length - torch.tensor(lengths)[:, None]).long()  # (k, length)
         if self.cache is None:
-            self.cache, self.lengths = row_cache, [length]
-            self.mask = torch.ones(1, length, dtype=torch.long)
+            self.cache, self.lengths, self.mask = new_cache, lengths, new_mask
             return
         width = self.width
         if length > width:
@@ -52,14 +63,13 @@ class BatchCache:
             self.mask = torch.nn.functional.pad(self.mask, (length - width, 0))
             width = length
         elif length < width:
-            self._pad_left(row_cache, width - length)
-        for layer, new in zip(self.cache.layers, row_cache.layers):
-            layer.keys = torch.cat([layer.keys, new.keys], dim=0)  # (B+1, H, T, D)
+            self._pad_left(new_cache, width - length)
+            new_mask = torch.nn.functional.pad(new_mask, (width - length, 0))
+        for layer, new in zip(self.cache.layers, new_cache.layers):
+            layer.keys = torch.cat([layer.keys, new.keys], dim=0)  # (B+k, H, T, D)
             layer.values = torch.cat([layer.values, new.values], dim=0)
-        row_mask = torch.zeros(1, width, dtype=torch.long)
-        row_mask[:, width - length:] = 1
-        self.mask = torch.cat([self.mask, row_mask], dim=0)
-        self.lengths.append(length)
+        self.mask = torch.cat([self.mask, new_mask], dim=0)
+        self.lengths += lengths
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention_mask (B, T+1), position_ids (B, 1)) for a one-token decode step."""
@@ -93,6 +103,20 @@ class BatchCache:
         for layer in cache.layers:
             layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, n, 0))  # (B, H, n + T, D)
             layer.values = torch.nn.functional.pad(layer.values, (0, 0, n, 0))
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (k, W): the prompts right-aligned to the longest.
+
+    The padding is token 0 at position 0, hidden by the mask; each row's positions count only its real
+    tokens, so RoPE sees every prompt as it would alone.
+    """
+    lengths = torch.tensor([len(p) for p in prompts])
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids[mask.bool()] = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
 def _check_layers(cache: DynamicCache) -> None:
