@@ -13,7 +13,7 @@ config names) and has no LoRA modules left: inference costs exactly what the bas
   checkpoint reader, one tensor at a time when streaming, and the merge happens in full precision;
   the report says so.
 * Streaming (default): the base is read, merged and written one tensor / shard at a time
-  (:mod:`lorakit.export.streaming`), so peak memory is about one output shard plus the adapters;
+  (:mod:`lorakit.export.streaming`), so peak memory is about two output shards (the tensors, then their serialised bytes) plus the adapters;
   the files are those the in-memory path (``streaming=False``, ``--in-memory``) writes.
 * Atomic: everything is written to a temporary folder beside ``--out`` and renamed at the end, so a
   failure leaves no partial output (and an existing ``--out`` untouched unless ``--overwrite``).
@@ -394,7 +394,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest safetensors shard (default 2GB); the streaming merge's memory follows it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--in-memory", action="store_true",
-                   help="load the whole base before merging (the default streams it, holding about one output shard "
+                   help="load the whole base before merging (the default streams it, holding about two output shards "
                         "at a time; the files are the same); safetensors only")
     p.set_defaults(func=_run)
 
