@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_helpers import tiny_raw_config
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import interrupt
@@ -23,17 +24,9 @@ from lorakit.train.interrupt import StopSignals, TrainingInterrupted
 from lorakit.train.records import DataError
 from lorakit.train.trainer import Reporter, train
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-
 
 def raw_config(out: Path, **train) -> dict:
-    return {
-        "model": {"name_or_path": "tiny-llama", "overrides": {"hidden_size": 32, "intermediate_size": 64}},
-        # dropout on: the RNG state must survive the interruption too
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
-        "data": {"train_file": str(EXAMPLES / "instructions.jsonl"), "max_length": 96},
-        "train": {"output_dir": str(out), "batch_size": 2, "lr": 3e-3, "threads": 1, "log_every": 2, **train},
-    }
+    return tiny_raw_config(out, log_every=2, **train)
 
 
 def tensors(run: Path) -> dict[str, torch.Tensor]:

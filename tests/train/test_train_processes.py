@@ -14,21 +14,15 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_helpers import tiny_raw_config
 
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.config import load_config
 from lorakit.train.trainer import train
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-
 
 def raw_config(out: Path, **train) -> dict:
-    return {
-        "model": {"name_or_path": "tiny-llama", "overrides": {"hidden_size": 32, "intermediate_size": 64}},
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
-        "data": {"train_file": str(EXAMPLES / "instructions.jsonl"), "max_length": 96},
-        "train": {"output_dir": str(out), "batch_size": 2, "lr": 3e-3, "threads": 1, "log_every": 5, **train},
-    }
+    return tiny_raw_config(out, log_every=5, **train)
 
 
 def env() -> dict:
