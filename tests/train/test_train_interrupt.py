@@ -26,7 +26,7 @@ from lorakit.train.trainer import Reporter, train
 
 
 def raw_config(out: Path, **train) -> dict:
-    return tiny_raw_config(out, log_every=2, **train)
+    return tiny_raw_config(out, **{"log_every": 2, **train})
 
 
 def tensors(run: Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from lorakit.train.trainer import train
 
 
 def raw_config(out: Path, **train) -> dict:
-    return tiny_raw_config(out, log_every=5, **train)
+    return tiny_raw_config(out, **{"log_every": 5, **train})
 
 
 def env() -> dict:
