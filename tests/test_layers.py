@@ -249,3 +249,48 @@ def test_bf16_base_gets_fp32_adapters_and_output_dtype_kept():
     assert layer.adapters["a"].lora_a.dtype == torch.float32
     out = layer(torch.randn(3, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_grad_fast_path_is_bit_identical_to_the_general_path(dtype, bias):
+    """Without autograd a single plain adapter takes LoraLinear's in-place path (decode steps).
+
+    Its output must equal the general path's ``(base(x) + (x·Aᵀ·Bᵀ)·s).to(dtype)`` bit for bit,
+    which is PEFT's order of operations, and must leave the base layer's own output untouched.
+    """
+    layer = _linear_layer(in_f=24, out_f=20, rank=4, alpha=6.0, bias=bias).to(dtype)
+    layer.adapters.float()  # fp32 factors on a half-precision base, as LoRA keeps them
+    _randomize(layer, scale=0.5)
+    layer.eval()
+    x = torch.randn(3, 5, 24).to(dtype)
+    with torch.no_grad():
+        fast = layer(x)
+        base_out = layer.base(x)
+    with torch.enable_grad():  # eval mode and an input without grad: the general path
+        general = layer(x)
+    a, b, s = layer.adapters["a"].lora_a, layer.adapters["a"].lora_b, layer.adapters["a"].scaling
+    expected = (base_out + F.linear(F.linear(x.float(), a), b) * s).to(dtype)
+    assert fast.dtype == dtype
+    assert torch.equal(fast, general.detach())
+    assert torch.equal(fast, expected)
+    with torch.no_grad():
+        assert torch.equal(layer.base(x), base_out)  # the in-place add never wrote into anything shared
+
+
+def test_no_grad_fast_path_steps_aside_for_merged_disabled_and_several_adapters():
+    layer = _linear_layer(in_f=8, out_f=6, rank=2, alpha=2.0)
+    layer.add_adapter("b", 2, 2.0)
+    _randomize(layer)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        one = layer(x)
+        layer.active_adapters = ["a", "b"]
+        both = layer(x)
+        layer.merge(["a"])
+        assert torch.allclose(layer(x), both, atol=1e-5)  # a merged, b on top: not counted twice
+        layer.unmerge()  # W + ΔW - ΔW: equal to W up to fp32 rounding, so compare with the base as it is now
+        layer.disabled = True
+        assert torch.equal(layer(x), layer.base(x))
+    ab, bb, sb = layer.adapters["b"].lora_a, layer.adapters["b"].lora_b, layer.adapters["b"].scaling
+    assert torch.equal(both, one + (x @ ab.T @ bb.T) * sb)

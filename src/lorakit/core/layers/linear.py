@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorakit.kernels as kernels
-from lorakit.core.layers.base import LoraLayer
+from lorakit.core.layers.base import LoraAdapter, LoraLayer
 from lorakit.quant.linear4bit import KeptWeight, dense_for_step
 
 
@@ -58,6 +58,10 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            adapter = self._inference_adapter()
+            if adapter is not None:
+                return self._inference_forward(x, adapter, args, kwargs)
         adapter = self._fusable_adapter(x)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
@@ -93,6 +97,38 @@ class LoraLinear(LoraLayer):
             if out is not None:
                 return out
         return super().mixed_forward(x, result, routing)
+
+    def _inference_adapter(self) -> LoraAdapter | None:
+        """The one plain adapter of a no-grad forward (generation, serving, evaluation), or None.
+
+        A decode step runs this layer once per token with one row: there the LoRA math is two
+        tiny GEMVs and much of the time goes to Python and dispatch, so this path skips the
+        general forward's checks, dropout module and temporaries (see :meth:`_inference_forward`).
+        """
+        if self.disabled or len(self.active_adapters) != 1 or self.routing is not None:
+            return None
+        name = self.active_adapters[0]
+        adapter = self.adapters._modules.get(name)
+        if adapter is None or adapter.custom_math or name in self.merged_adapters:
+            return None
+        if self.training and type(adapter._modules["dropout"]) is not nn.Identity:
+            return None
+        return adapter
+
+    def _inference_forward(self, x: torch.Tensor, adapter: LoraAdapter, args: tuple, kwargs: dict) -> torch.Tensor:
+        """base(x) + s·(x·Aᵀ)·Bᵀ without autograd: PEFT's ops and rounding order, with the adds in place.
+
+        The product is scaled and added into the base output in place (both are fresh tensors
+        here), which rounds exactly as ``(result + t·s).to(result.dtype)``: a loaded PEFT
+        adapter still gives bit-identical outputs.
+        """
+        result = self.base(x, *args, **kwargs)
+        lora_a = adapter.lora_a  # attributes, not _parameters: a variant may own A elsewhere (shared A)
+        if x.dtype != lora_a.dtype:
+            x = x.to(lora_a.dtype)
+        t = F.linear(F.linear(x, lora_a), adapter.lora_b)
+        t.mul_(adapter.scaling)
+        return result.add_(t)
 
     def _fusable_adapter(self, x: torch.Tensor):
         """The single adapter the fused training path can run, or None to take the general path.
