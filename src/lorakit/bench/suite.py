@@ -294,7 +294,8 @@ def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 5
         _bnb_quantize(holder, bnb, dtype)
         theirs = peft.get_peft_model(holder, peft.LoraConfig(**cfg))
         x = x32.to(dtype).requires_grad_(True)
-        fns.update({f"ours {tag}": step(ours, x), f"theirs {tag}": step(theirs, x), f"floor {tag}": step(One(linear), x)})
+        fns.update({f"ours {tag}": step(ours, x), f"theirs {tag}": step(theirs, x),
+                    f"floor {tag}": step(One(linear), x)})
     t = core.interleaved(fns, repeats)
     rows = []
     for tag in COMPUTE:
