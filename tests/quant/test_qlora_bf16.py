@@ -46,9 +46,10 @@ def _layer(base: torch.nn.Module, rank=4, alpha=8.0, dropout=0.0, seed=1) -> Lor
     return layer
 
 
-def _quant_base(out_f=40, in_f=96, bias=True, seed=0) -> tuple[Linear4bit, torch.Tensor]:
+def _quant_base(out_f=40, in_f=96, bias=True, seed=0, source=BF16) -> tuple[Linear4bit, torch.Tensor]:
+    """A bf16-compute 4-bit layer quantised from a ``source``-dtype Linear (its bias stays in that dtype)."""
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(in_f, out_f, bias=bias).to(BF16)
+    linear = torch.nn.Linear(in_f, out_f, bias=bias).to(source)
     q = Linear4bit.from_linear(linear, compute_dtype=BF16)
     return q, q.dequantize(BF16)
 
@@ -75,11 +76,13 @@ def _reference(x, w, bias, a, b, s, g, x_drop=None):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(40, 96), (64, 128)])
-def test_bf16_step_matches_float64_math_within_bf16_rounding(bias, shape):
+@pytest.mark.parametrize("source", [BF16, torch.float32])
+def test_bf16_step_matches_float64_math_within_bf16_rounding(bias, shape, source):
     """y = h(h(x·Wᵀ + b) + s·h(u)·h(B)ᵀ): four roundings to bf16 at most (base, u, B, y); the input gradient
-    the same four; the fp32 factor gradients only fp32 sums."""
+    the same four; the fp32 factor gradients only fp32 sums. From an fp32 Linear the bias stays fp32 and
+    is used as h(b), as Linear4bit.forward uses it."""
     out_f, in_f = shape
-    q, w = _quant_base(out_f, in_f, bias)
+    q, w = _quant_base(out_f, in_f, bias, source=source)
     layer = _layer(q)
     ad = layer.adapters["a"]
     assert layer._fusable_adapter(torch.ones(1, in_f, dtype=BF16, requires_grad=True)) is ad
@@ -89,7 +92,8 @@ def test_bf16_step_matches_float64_math_within_bf16_rounding(bias, shape):
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(BF16)
     y.backward(g)
     s = ad.scaling
-    ref_y, m_y, lora_gx, m_gx, base_gx, (ga, m_ga), (gb, m_gb) = _reference(x, w, q.bias, ad.lora_a, ad.lora_b, s, g)
+    bias_used = None if q.bias is None else q.bias.to(BF16)
+    ref_y, m_y, lora_gx, m_gx, base_gx, (ga, m_ga), (gb, m_gb) = _reference(x, w, bias_used, ad.lora_a, ad.lora_b, s, g)
     assert_within(y, ref_y, bound(m_y, 4, in_f + 2), "forward")
     assert_within(x.grad, base_gx + lora_gx, bound(m_gx, 4, out_f + 2), "input gradient")
     assert ad.lora_a.grad.dtype == ad.lora_b.grad.dtype == torch.float32
@@ -97,7 +101,7 @@ def test_bf16_step_matches_float64_math_within_bf16_rounding(bias, shape):
     assert_within(ad.lora_a.grad, ga, bound(m_ga, 0, out_f + tokens + 2), "dA")
     assert_within(ad.lora_b.grad, gb, bound(m_gb, 0, in_f + tokens + 2), "dB")
     # the bound is tight enough to catch a dropped or doubled LoRA term at most outputs
-    lora_y = ref_y - (x.detach().double() @ w.double().T + (q.bias.double() if bias else 0))
+    lora_y = ref_y - (x.detach().double() @ w.double().T + (bias_used.double() if bias else 0))
     assert float((lora_y.abs() > bound(m_y, 4, in_f + 2)).double().mean()) > 0.5
 
 

@@ -68,18 +68,21 @@ class LoraLinear(LoraLayer):
             x_lora = x
         else:  # half-precision x: drop out of its fp32 cast, as the general path (and PEFT) do
             x_lora = adapter.dropout(x.to(adapter.lora_a.dtype))
+        bias = base.bias
+        if getattr(base, "lorakit_4bit", False) and bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # frozen (_fusable_adapter): an fp32 bias on a bf16-compute layer
         if (getattr(base, "lorakit_4bit", False) and adapter.lora_a.dtype == x.dtype
                 and kernels.enabled_for(x, base.weight)):
             from lorakit.kernels.qlora import QLoraLinear  # CUDA + triton: NF4 decoded inside the matmul
 
             return QLoraLinear.apply(
-                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, base.bias,
+                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, bias,
                 adapter.lora_a, adapter.lora_b, adapter.scaling,
             )
         if getattr(base, "lorakit_4bit", False):  # QLoRA: one dequantisation for forward (and backward if kept)
             weight, kept = dense_for_step(base, x.dtype, keep=x.requires_grad)  # (out, in); scratch unless kept
             return _FusedLoraLinear.apply(
-                x, x_lora if x_lora is not x else None, weight, base.bias, adapter.lora_a, adapter.lora_b,
+                x, x_lora if x_lora is not x else None, weight, bias, adapter.lora_a, adapter.lora_b,
                 adapter.scaling, base if kept is None else kept,
             )
         return _FusedLoraLinear.apply(
@@ -117,8 +120,8 @@ class LoraLinear(LoraLayer):
         if getattr(base, "lorakit_4bit", False):  # a 4-bit Linear computing in x's dtype
             if (base.compute_dtype or base.quant_state.dtype) != x.dtype:
                 return None
-            if base.bias is not None and (base.bias.dtype != x.dtype or base.bias.requires_grad):
-                return None
+            if base.bias is not None and base.bias.requires_grad:  # a frozen bias is cast to x's dtype, as
+                return None  # Linear4bit.forward casts it to its compute dtype
         elif type(base) is not nn.Linear or base.weight.requires_grad:
             return None
         name = self.active_adapters[0]
