@@ -17,11 +17,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
         help="benchmark lorakit against PEFT and bitsandbytes (ratios measured in one run)",
-        description="Times LoRA training, inference, mixed-adapter batches, adapter loading and NF4 against "
-        "PEFT and bitsandbytes on the same random-initialised Llama models, in one process, interleaved, and "
-        "prints ratios with their targets. With --model, the same on a real pretrained checkpoint (train step "
-        "and peak RSS vs PEFT and the floor, QLoRA vs PEFT + bitsandbytes, greedy decode and serving tokens/s). "
-        "Needs the [dev] extras (peft, bitsandbytes).",
+        description="Times LoRA training, inference, mixed-adapter batches, adapter loading, NF4 and the QLoRA "
+        "step (fp32 and bf16 compute) against PEFT and bitsandbytes on the same random-initialised Llama models, "
+        "in one process, interleaved, and prints ratios with their targets. With --model, the same on a real "
+        "pretrained checkpoint (train step and peak RSS vs PEFT and the floor, fp32 QLoRA vs PEFT + bitsandbytes, "
+        "greedy decode and serving tokens/s). Needs the [dev] extras (peft, bitsandbytes).",
     )
     p.add_argument("--quick", action="store_true", help="fewer repeats, skip the wide model and the memory runs")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")

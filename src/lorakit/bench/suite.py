@@ -206,11 +206,19 @@ def nf4(repeats: int) -> list[Row]:
     return rows
 
 
+COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @one_thread
 def qlora_step(repeats: int) -> list[Row]:
     """QLoRA train step (NF4 + double quant base, LoRA all-linear r=16) vs PEFT + bitsandbytes and vs the
     floor, on a Llama with SmolLM2-135M's layer shapes; then one 4-bit LoRA linear's forward + backward at
-    each SmolLM2 shape and at 4096², with the dense frozen linear as its floor."""
+    each SmolLM2 shape and at 4096², with the dense frozen linear as its floor.
+
+    Each figure in two compute dtypes, interleaved in one loop: fp32, and bf16 (the QLoRA paper's
+    recipe): the whole model in bf16 (embeddings, norms, head, activations), the 4-bit matmuls
+    computing in bf16, the LoRA factors in fp32 (PEFT's default for a half-precision base, and
+    lorakit's); the floor is the same model with dense bf16 weights."""
     try:
         import bitsandbytes as bnb
         import peft
@@ -218,28 +226,38 @@ def qlora_step(repeats: int) -> list[Row]:
         return [Row(f"QLoRA skipped ({exc})", float("nan"), 1.0, "-", "")]
     from lorakit.quant import quantize_model
 
-    base = core.llama(hidden=576, layers=4, inter=1536, heads=9, kv_heads=3)
+    base32 = core.llama(hidden=576, layers=4, inter=1536, heads=9, kv_heads=3)
     ids = core.batch(8000, 4, 128)
-    ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"])
-    ours = core.lorakit_model(ours, "all-linear")
-    theirs = copy.deepcopy(base)
-    _bnb_quantize(theirs, bnb)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    t = core.interleaved({"ours": core.train_step(ours, ids), "theirs": core.train_step(theirs, ids),
-                          "floor": core.floor_step(base, ids)}, repeats)
-    name = "QLoRA step, SmolLM2 shapes (576/1536, 9/3 heads), 4 layers, 4×128, all-linear r=16"
-    rows = [
-        _cpu_row(f"{name} vs PEFT + bitsandbytes", t, "ours", "theirs", "PEFT+bnb", "<= 0.8"),
-        _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, "floor", "theirs", "PEFT+bnb"),
-        _cpu_row(f"{name}: lorakit vs the floor (reference)", t, "ours", "floor", "floor"),
-    ]
+    fns = {}
+    for tag, dtype in COMPUTE.items():
+        base = copy.deepcopy(base32).to(dtype)
+        ours = quantize_model(copy.deepcopy(base), "nf4", double_quant=True, skip=["lm_head"], compute_dtype=dtype)
+        ours = core.lorakit_model(ours, "all-linear")
+        theirs = copy.deepcopy(base)
+        _bnb_quantize(theirs, bnb, dtype)
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        fns.update({f"ours {tag}": core.train_step(ours, ids), f"theirs {tag}": core.train_step(theirs, ids),
+                    f"floor {tag}": core.floor_step(base, ids)})
+    t = core.interleaved(fns, repeats)
+    rows = []
+    for tag in COMPUTE:
+        name = f"QLoRA step {tag}, SmolLM2 shapes (576/1536, 9/3 heads), 4 layers, 4×128, all-linear r=16"
+        rows += [
+            _cpu_row(f"{name} vs PEFT + bitsandbytes", t, f"ours {tag}", f"theirs {tag}", "PEFT+bnb", "<= 0.8"),
+            _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, f"floor {tag}",
+                     f"theirs {tag}", "PEFT+bnb"),
+            _cpu_row(f"{name}: lorakit vs the floor (reference)", t, f"ours {tag}", f"floor {tag}", "floor"),
+        ]
+    rows.append(_cpu_row("QLoRA step bf16 vs fp32, lorakit (reference)", t, "ours bf16", "ours fp32", "fp32"))
+    rows.append(_cpu_row("QLoRA step bf16 vs fp32, PEFT + bnb (reference)", t, "theirs bf16", "theirs fp32", "fp32"))
     for out_f, in_f in SMOLLM2_SHAPES + [(4096, 4096)]:
         rows += _qlora_layer(out_f, in_f, repeats if out_f < 4096 else max(2, repeats - 2), bnb, peft)
     return rows
 
 
 def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 512) -> list[Row]:
-    """One NF4 linear + LoRA r=16: forward and backward of 512 tokens (grad to the input and LoRA)."""
+    """One NF4 linear + LoRA r=16: forward and backward of 512 tokens (grad to the input and LoRA), in each
+    compute dtype (x, base weight and output in that dtype; LoRA factors fp32)."""
     import torch.nn as nn
 
     from lorakit.core.config import LoraConfig
@@ -254,17 +272,7 @@ def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 5
         def forward(self, x):
             return self.proj(x)
 
-    torch.manual_seed(0)
-    linear = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
-    cfg = dict(r=16, lora_alpha=32, target_modules=["proj"])
-    ours = get_lora_model(One(Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=torch.float32)),
-                          LoraConfig(**cfg))
-    holder = One(copy.deepcopy(linear))
-    _bnb_quantize(holder, bnb)
-    theirs = peft.get_peft_model(holder, peft.LoraConfig(**cfg))
-    x = torch.randn(tokens, in_f, requires_grad=True)
-
-    def step(model):
+    def step(model, x):
         def run():
             y = model(x)
             y.backward(torch.ones_like(y))
@@ -273,22 +281,43 @@ def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 5
 
         return run
 
-    t = core.interleaved({"ours": step(ours), "theirs": step(theirs), "floor": step(One(linear))}, repeats)
-    name = f"QLoRA linear {out_f}×{in_f} (out×in), fwd+bwd of {tokens} tokens, r=16"
-    return [
-        _cpu_row(f"{name} vs PEFT + bnb", t, "ours", "theirs", "PEFT+bnb", "<= 0.8"),
-        _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, "floor", "theirs", "PEFT+bnb"),
-    ]
+    torch.manual_seed(0)
+    linear32 = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+    x32 = torch.randn(tokens, in_f)
+    cfg = dict(r=16, lora_alpha=32, target_modules=["proj"])
+    fns = {}
+    for tag, dtype in COMPUTE.items():
+        linear = copy.deepcopy(linear32).to(dtype)
+        ours = get_lora_model(One(Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=dtype)),
+                              LoraConfig(**cfg))
+        holder = One(copy.deepcopy(linear))
+        _bnb_quantize(holder, bnb, dtype)
+        theirs = peft.get_peft_model(holder, peft.LoraConfig(**cfg))
+        x = x32.to(dtype).requires_grad_(True)
+        fns.update({f"ours {tag}": step(ours, x), f"theirs {tag}": step(theirs, x),
+                    f"floor {tag}": step(One(linear), x)})
+    t = core.interleaved(fns, repeats)
+    rows = []
+    for tag in COMPUTE:
+        name = f"QLoRA linear {out_f}×{in_f} (out×in) {tag}, fwd+bwd of {tokens} tokens, r=16"
+        rows += [
+            _cpu_row(f"{name} vs PEFT + bnb", t, f"ours {tag}", f"theirs {tag}", "PEFT+bnb", "<= 0.8"),
+            _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, f"floor {tag}",
+                     f"theirs {tag}", "PEFT+bnb"),
+        ]
+    return rows
 
 
-def _bnb_quantize(model, bnb) -> None:
+def _bnb_quantize(model, bnb, compute_dtype: torch.dtype = torch.float32) -> None:
+    """Every nn.Linear but lm_head -> bitsandbytes' Linear4bit (NF4, double quant, blocksize 64), quantised
+    from the weight in its own dtype, computing in ``compute_dtype``: what transformers' load_in_4bit builds."""
     import torch.nn as nn
 
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name != "lm_head":
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
                 q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True, blocksize=64)._quantize("cpu")
                 if child.bias is not None:

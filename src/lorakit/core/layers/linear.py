@@ -17,6 +17,8 @@ import lorakit.kernels as kernels
 from lorakit.core.layers.base import LoraAdapter, LoraLayer
 from lorakit.quant.linear4bit import KeptWeight, dense_for_step
 
+HALF = (torch.bfloat16, torch.float16)
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D without importing transformers here."""
@@ -66,18 +68,25 @@ class LoraLinear(LoraLayer):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.base
-        x_lora = adapter.dropout(x)
-        if getattr(base, "lorakit_4bit", False) and kernels.enabled_for(x, base.weight):
+        if isinstance(adapter.dropout, nn.Identity):
+            x_lora = x
+        else:  # half-precision x: drop out of its fp32 cast, as the general path (and PEFT) do
+            x_lora = adapter.dropout(x.to(adapter.lora_a.dtype))
+        bias = base.bias
+        if getattr(base, "lorakit_4bit", False) and bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # frozen (_fusable_adapter): an fp32 bias on a bf16-compute layer
+        if (getattr(base, "lorakit_4bit", False) and adapter.lora_a.dtype == x.dtype
+                and kernels.enabled_for(x, base.weight)):
             from lorakit.kernels.qlora import QLoraLinear  # CUDA + triton: NF4 decoded inside the matmul
 
             return QLoraLinear.apply(
-                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, base.bias,
+                x.contiguous(), x_lora if x_lora is not x else None, base.weight, base.quant_state, bias,
                 adapter.lora_a, adapter.lora_b, adapter.scaling,
             )
         if getattr(base, "lorakit_4bit", False):  # QLoRA: one dequantisation for forward (and backward if kept)
             weight, kept = dense_for_step(base, x.dtype, keep=x.requires_grad)  # (out, in); scratch unless kept
             return _FusedLoraLinear.apply(
-                x, x_lora if x_lora is not x else None, weight, base.bias, adapter.lora_a, adapter.lora_b,
+                x, x_lora if x_lora is not x else None, weight, bias, adapter.lora_a, adapter.lora_b,
                 adapter.scaling, base if kept is None else kept,
             )
         return _FusedLoraLinear.apply(
@@ -147,8 +156,8 @@ class LoraLinear(LoraLayer):
         if getattr(base, "lorakit_4bit", False):  # a 4-bit Linear computing in x's dtype
             if (base.compute_dtype or base.quant_state.dtype) != x.dtype:
                 return None
-            if base.bias is not None and (base.bias.dtype != x.dtype or base.bias.requires_grad):
-                return None
+            if base.bias is not None and base.bias.requires_grad:  # a frozen bias is cast to x's dtype, as
+                return None  # Linear4bit.forward casts it to its compute dtype
         elif type(base) is not nn.Linear or base.weight.requires_grad:
             return None
         name = self.active_adapters[0]
@@ -157,8 +166,10 @@ class LoraLinear(LoraLayer):
         adapter = self.adapters[name]
         if adapter.custom_math:  # variants (DoRA, ...) have their own forward
             return None
-        if x.dtype != adapter.lora_a.dtype or x.device != adapter.lora_a.device:
+        if x.device != adapter.lora_a.device:
             return None
+        if x.dtype != adapter.lora_a.dtype and not (adapter.lora_a.dtype == torch.float32 and x.dtype in HALF):
+            return None  # half-precision x with fp32 factors (PEFT's default for bf16/fp16 bases) is fused too
         if not getattr(base, "lorakit_4bit", False) and base.weight.dtype != x.dtype:
             return None
         return adapter
@@ -171,6 +182,19 @@ class _FusedLoraLinear(torch.autograd.Function):
     again (nothing dense is held between forward and backward), or a ``KeptWeight`` holding the
     forward's copy within the keep budget (``lorakit.quant.set_dequant_keep_budget``). A weight not
     kept is the thread's dequantisation scratch buffer, so it is never saved for backward.
+
+    Half-precision x with fp32 factors (a bf16/fp16 base, QLoRA's bf16 compute): the base GEMMs run
+    in x's dtype on W dequantised straight to it. u = x_d·Aᵀ runs in fp32 on x_d cast once (that
+    fp32 copy is what backward keeps, as PEFT's lora_A keeps its fp32 input). The expansion is one
+    half-precision GEMM accumulated in place into the base output, y = h(x·Wᵀ) + s·h(u)·h(B)ᵀ with
+    h() rounding to x's dtype, fp32 products and sums, and one rounding of y at the end. PEFT's bnb
+    4-bit layer instead forms s·u·Bᵀ in fp32, rounds it to bf16, then adds (its own rounding): both
+    orders put one rounding of the LoRA term's size (ours on u and B, PEFT's on the term) and one
+    of y's size into y, so they agree to a few bf16 ulps of y, not bit for bit. The mixed-dtype
+    in-place add that would keep the term in fp32 (``y.add_(fp32)``) costs a fresh (T, out) fp32
+    buffer and a copy per call (TensorIterator computes in fp32 and casts back), 4× the GEMM here.
+    Backward mirrors it: g is cast to fp32 once for g·B and both factor gradients (fp32 as PEFT's),
+    and g_B = g·B is added into the half-precision g·W as h(g_B)·h(A), one in-place GEMM.
     """
 
     @staticmethod
@@ -178,41 +202,51 @@ class _FusedLoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (T, in)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, shape[-1])
-        u = xd2 @ lora_a.T  # (T, r)
+        mixed = lora_a.dtype != x.dtype  # half-precision x, fp32 factors
+        xl = xd2.to(lora_a.dtype)  # the LoRA branch's input: one cast of x (dropout's output is fp32 already)
+        u = xl @ lora_a.T  # (T, r)
         if bias is not None:
             y = torch.addmm(bias, x2, weight.T)  # (T, out)
         else:
             y = x2 @ weight.T
-        y.addmm_(u, lora_b.T, alpha=scaling)  # accumulate s·u·Bᵀ into y: no (T, out) temporary
+        if mixed:  # u and B rounded to y's dtype, products summed in fp32 into y (see the class docstring)
+            y.addmm_(u.to(y.dtype), lora_b.to(y.dtype).T, alpha=scaling)
+        else:
+            y.addmm_(u, lora_b.T, alpha=scaling)  # accumulate s·u·Bᵀ into y: no (T, out) temporary
         ctx.weight_src = weight_src
-        ctx.save_for_backward(x2 if x_drop is None else xd2, u, weight if weight_src is None else None, lora_a, lora_b)
+        ctx.save_for_backward(xl, u, weight if weight_src is None else None, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shared_input = x_drop is None
+        ctx.drop_dtype = None if x_drop is None else x_drop.dtype
         ctx.bias_grad = bias is not None and bias.requires_grad
         ctx.in_shape = shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd2, u, weight, lora_a, lora_b = ctx.saved_tensors
+        xl, u, weight, lora_a, lora_b = ctx.saved_tensors
         src, ctx.weight_src = ctx.weight_src, None  # a kept weight's reservation ends with this step
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
-        g_b = g @ lora_b  # (T, r): shared by dA and dx
+        mixed = lora_b.dtype != g.dtype
+        gl = g.to(lora_b.dtype) if mixed else g  # the LoRA branch's output gradient, fp32: one cast
+        g_b = gl @ lora_b  # (T, r): shared by dA and dx
         grad_x = grad_xd = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             if src is not None:  # 4-bit base: the forward's copy if kept, else dequantised again
                 weight = src.weight if isinstance(src, KeptWeight) else dense_for_step(src, g.dtype, keep=False)[0]
             grad_x = g @ weight  # (T, in); no gradient is ever formed for the frozen W
-            if ctx.shared_input:
-                grad_x.addmm_(g_b, lora_a, alpha=s)
+            if not ctx.shared_input:
+                grad_xd = (s * g_b @ lora_a).to(ctx.drop_dtype).view(ctx.in_shape)
+            elif mixed:  # as in forward: g·B and A rounded to g's dtype, summed in fp32 into g·W
+                grad_x.addmm_(g_b.to(g.dtype), lora_a.to(g.dtype), alpha=s)
             else:
-                grad_xd = (s * g_b @ lora_a).view(ctx.in_shape)
+                grad_x.addmm_(g_b, lora_a, alpha=s)
             grad_x = grad_x.view(ctx.in_shape)
         if ctx.needs_input_grad[4]:
-            grad_a = (g_b.T @ xd2) * s  # (r, in)
+            grad_a = (g_b.T @ xl) * s  # (r, in)
         if ctx.needs_input_grad[5]:
-            grad_b = (u.T @ g).T * s  # (out, r); uᵀ·g runs ~1.6× faster than gᵀ·u on CPU BLAS
+            grad_b = (u.T @ gl).T * s  # (out, r); uᵀ·g runs ~1.6× faster than gᵀ·u on CPU BLAS
         if ctx.bias_grad:
             grad_bias = g.sum(0)
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None, None
