@@ -90,11 +90,18 @@ class TensorReader:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, copy: bool = True) -> torch.Tensor:
+        """Tensor `key`: a copy, or with ``copy=False`` a view of the file's memory mapping.
+
+        A view costs nothing to read and its pages are the page cache's (counted in RSS only once
+        touched, and reclaimable), but it keeps the whole file mapped as long as it lives and reads
+        whatever the file holds if it is overwritten in place. The 4-bit loader takes views (what it
+        quantises is dropped at once; what it keeps is the model, as transformers' own loading maps
+        it); the streaming merge takes copies, so a finished shard releases its source files.
+        """
         with self._open(self.where[key], framework="pt") as fh:
-            # a copy: the tensor safetensors returns keeps the whole file's mapping alive as long as it lives
-            # (address space and, once touched, resident pages), which one open per tensor is meant to avoid
-            return fh.get_tensor(key).clone()
+            tensor = fh.get_tensor(key)
+            return tensor.clone() if copy else tensor
 
     def quantized(self) -> list[str]:
         """The packed 4-bit tensors' keys (those with a bitsandbytes quant_state)."""
@@ -217,7 +224,8 @@ def load_4bit(
             packed, state = reader.get_4bit(weight_key, device)
             consumed.update(reader.side[weight_key])
         else:
-            weight = reader.get(weight_key).to(device)  # the one full-precision layer held at a time
+            # the one full-precision layer held at a time, read from the mapping (no copy: dropped once quantised)
+            weight = reader.get(weight_key, copy=False).to(device)
             packed, state = quantize_4bit(weight, blocksize, double_quant, quant_type)
             del weight
         bias = reader.get(bias_key).to(device) if bias_key in reader else None
@@ -230,7 +238,7 @@ def load_4bit(
     for key in reader.where:
         if key in consumed:
             continue
-        tensor = reader.get(key).to(device)
+        tensor = reader.get(key, copy=False).to(device)  # kept as is: a view of the mapping, as transformers loads
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         if not _set_tensor(model, key, tensor):
