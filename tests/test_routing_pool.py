@@ -54,6 +54,27 @@ def test_gathered_mixed_batch_equals_each_row_alone(shape, cost, monkeypatch):
     assert not torch.allclose(mixed[0], mixed[1])  # different adapters really differ
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (3, 6)], ids=["b1-decode", "b4-decode", "prefill"])
+def test_rows_all_on_one_adapter_take_its_factors_alone_bit_identical_to_the_blocks(shape, monkeypatch):
+    """Every row on one adapter (a batch-1 decode step, one tenant): the pool skips the gather and
+    the mask, and gives bit for bit what the blocks gather gives, and each row what it gives alone."""
+    lm = _model()
+    ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(1))
+    names = ["b"] * shape[0]
+    calls = []
+    original = routing.FactorPool._blocks
+    monkeypatch.setattr(routing.FactorPool, "_blocks", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        fast = lm(ids, adapter_names=names).logits
+        assert calls == []  # no layer gathered
+        monkeypatch.setattr(routing.RowRouting, "only_slot", lambda self, row_slot: None)
+        monkeypatch.setattr(routing, "GATHER_COST", 1e9)  # the distinct-adapter blocks, k = 1
+        blocks = lm(ids, adapter_names=names).logits
+    assert calls  # the reference really took the blocks path
+    assert torch.equal(fast, blocks)
+    assert_close_fp32(fast, _alone(lm, ids, "b"), reduction=REDUCTION, depth=DEPTH)
+
+
 def test_pool_copy_follows_in_place_changes_and_deletes():
     lm = _model()
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(1))

@@ -151,6 +151,12 @@ class RowRouting:
             entry = self._keys[id(row_slot)] = (row_slot, tuple(row_slot.tolist()))
         return entry[1]
 
+    def only_slot(self, row_slot: torch.Tensor) -> int | None:
+        """The slot every row of `row_slot` uses when they all use the same non-zero one, else None."""
+        key = self.key(row_slot)
+        first = key[0] if key else 0
+        return first if first and all(v == first for v in key) else None
+
     def groups(self, row_slot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(distinct non-zero slots (k,), one-hot (N, k) bool) of a row-slot index, once per forward."""
         key = (id(row_slot), device)
@@ -187,6 +193,7 @@ class FactorPool:
         self.bt = torch.zeros(2, 1, out_features, device=device, dtype=dtype)  # (S, r, out): Bᵀ, so both
         # a slot's block and k slots side by side are contiguous views
         self.scale = torch.zeros(2, device=device, dtype=dtype)  # (S,)
+        self._scales: list[float] = [0.0, 0.0]  # the same as Python floats: the single-adapter path reads one
         self.owner: dict[int, str] = {}  # slot -> adapter name written there
         self.slot_of: dict[str, int] = {}  # the reverse: clearing is O(1), not a scan over the slots
         self.stamps: dict[str, tuple] = {}  # module adapter name -> what its copy was made from
@@ -219,6 +226,7 @@ class FactorPool:
         bt[:cap, :r_max] = self.bt
         scale[:cap] = self.scale
         self.a, self.bt, self.scale = a, bt, scale
+        self._scales += [0.0] * (new_cap - cap)
         self.version += 1
 
     @torch.no_grad()
@@ -232,6 +240,7 @@ class FactorPool:
             self.a[slot, rank:].zero_()
             self.bt[slot, rank:].zero_()
         self.scale[slot] = scaling
+        self._scales[slot] = float(self.scale[slot])  # as stored: rounded to the pool's dtype
         previous = self.owner.get(slot)
         if previous is not None and previous != name:
             self.slot_of.pop(previous, None)
@@ -250,17 +259,19 @@ class FactorPool:
             self.a[slot].zero_()
             self.bt[slot].zero_()
             self.scale[slot] = 0
+            self._scales[slot] = 0.0
             self.version += 1
 
     def sync(self, slot: int, name: str, adapter) -> None:
         """Copy a module adapter's factors into `slot` unless the copy there is still current."""
-        stamp = (slot, id(adapter), adapter.lora_a._version, adapter.lora_b._version, adapter.lora_a.data_ptr(),
-                 adapter.lora_b.data_ptr(), adapter.scaling)
+        lora_a, lora_b = adapter.lora_a, adapter.lora_b  # once each: module attribute lookups are slow
+        stamp = (slot, id(adapter), lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(),
+                 adapter.scaling)
         if self.stamps.get(name) == stamp and self.owner.get(slot) == name:
             return
         if self.slot_of.get(name, slot) != slot:
             self.clear(name)  # the adapter moved to another slot (released and assigned again)
-        self.write(slot, name, adapter.lora_a.detach(), adapter.lora_b.detach(), adapter.scaling)
+        self.write(slot, name, lora_a.detach(), lora_b.detach(), adapter.scaling)
         self.stamps[name] = stamp
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting,
@@ -279,6 +290,13 @@ class FactorPool:
         slots, onehot = routing.groups(row_slot, x.device)
         k, t = slots.numel(), x3.shape[1]
         if k == 0:
+            return result
+        only = routing.only_slot(row_slot)
+        if only is not None and result.dtype == self.dtype and not torch.is_grad_enabled():
+            # every row on one adapter (a batch-1 decode step, or one tenant): its own factors, no gather or
+            # mask, summed into the fresh base output in place; the same products and rounding as the blocks below
+            u = torch.mm(x3.view(n * t, -1), self.a[only].T).mul_(self._scales[only])
+            result.view(n * t, -1).addmm_(u, self.bt[only])
             return result
         blocks = k * (GATHER_COST + n * t) <= n * (GATHER_COST + t)
         key = (routing.key(row_slot), self.version, x.device, blocks)

@@ -354,14 +354,19 @@ class LoraLayer(Routed, nn.Module):
             return False
         if not adapters:
             return self.factor_pool is not None
-        if torch.is_grad_enabled() and any(ad.lora_a.requires_grad or ad.lora_b.requires_grad for ad in adapters):
-            return False
         if self.training and not all(isinstance(ad.dropout, nn.Identity) for ad in adapters):
             return False
-        dtype = adapters[0].lora_a.dtype
+        grad = torch.is_grad_enabled()
         pool = self.factor_pool
-        return all(ad.lora_a.dtype == dtype and ad.lora_a.dim() == 2 for ad in adapters) and (
-            pool is None or pool.dtype == dtype)
+        dtype = None if pool is None else pool.dtype
+        for ad in adapters:
+            lora_a, lora_b = ad.lora_a, ad.lora_b  # once each: module attribute lookups are slow
+            if grad and (lora_a.requires_grad or lora_b.requires_grad):
+                return False
+            dtype = lora_a.dtype if dtype is None else dtype
+            if lora_a.dtype != dtype or lora_a.dim() != 2:
+                return False
+        return True
 
     def _concat_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting,
                         present: list[tuple[int, str]], adapters: list[LoraAdapter]) -> torch.Tensor:
