@@ -36,12 +36,15 @@ def _alone(lm, ids, name):
         return lm(ids).logits
 
 
-@pytest.mark.parametrize("cost", [0.0, 4.0, 1e9], ids=["rows", "model", "blocks"])
+@pytest.mark.parametrize(("cost", "padding"), [(0.0, 0.0), (4.0, 0.0), (1e9, 0.0), (4.0, float("inf")), (4.0, 2.0)],
+                         ids=["rows", "model", "blocks", "grouped", "default"])
 @pytest.mark.parametrize("shape", [(6, 7), (5, 1)], ids=["prefill", "decode"])
-def test_gathered_mixed_batch_equals_each_row_alone(shape, cost, monkeypatch):
-    """Both gathers (each row's own factors; the distinct adapters' blocks, masked) give each row
-    what that row gives alone; the cost model only picks between them."""
+def test_gathered_mixed_batch_equals_each_row_alone(shape, cost, padding, monkeypatch):
+    """Every gather (each row's own factors; the distinct adapters' blocks, masked; the rows grouped
+    by adapter, one batched GEMM pair) gives each row what that row gives alone; the cost model only
+    picks between them."""
     monkeypatch.setattr(routing, "GATHER_COST", cost)
+    monkeypatch.setattr(routing, "GROUPED_PADDING", padding)
     lm = _model()
     ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(0))
     names = ["a", "b", None, "c", "b", "a"][: shape[0]]
@@ -69,6 +72,7 @@ def test_rows_all_on_one_adapter_take_its_factors_alone_bit_identical_to_the_blo
         assert calls == []  # no layer gathered
         monkeypatch.setattr(routing.RowRouting, "only_slot", lambda self, row_slot: None)
         monkeypatch.setattr(routing, "GATHER_COST", 1e9)  # the distinct-adapter blocks, k = 1
+        monkeypatch.setattr(routing, "GROUPED_PADDING", 0.0)
         blocks = lm(ids, adapter_names=names).logits
     assert calls  # the reference really took the blocks path
     assert torch.equal(fast, blocks)
@@ -178,3 +182,36 @@ def test_routing_a_forward_touches_no_wrapper():
     with torch.no_grad():
         lm(ids, adapter_names=["a", None])
     assert lm._route.current is None  # cleared after the forward
+
+
+@pytest.mark.parametrize("padding", [0.0, float("inf")], ids=["rows-or-blocks", "grouped"])
+def test_half_precision_base_mixed_rows_sum_in_fp32_and_round_once(padding, monkeypatch):
+    """A bf16 base with fp32 factors: each routed row is (base(x) + s·x·Aᵀ·Bᵀ) summed in fp32 and rounded
+    to bf16 once, like the module path; rows on no adapter keep the base output exactly."""
+    import torch.nn as nn
+
+    from lorakit.core.layers import LoraLinear
+
+    monkeypatch.setattr(routing, "GROUPED_PADDING", padding)
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(32, 24).to(torch.bfloat16))
+    for name, rank in (("a", 4), ("b", 2)):
+        layer.add_adapter(name, rank, 2.0 * rank, init=False)
+    layer.eval()
+    x = torch.randn(5, 3, 32).to(torch.bfloat16)
+    names = ["a", "b", None, "a", "b"]
+    with torch.no_grad():
+        layer.routing = routing.RowRouting(names)
+        mixed = layer(x)
+        layer.routing = None
+        base = layer.base(x)
+    assert mixed.dtype == torch.bfloat16
+    for row, name in enumerate(names):
+        if name is None:
+            assert torch.equal(mixed[row], base[row])
+            continue
+        ad = layer.adapters[name]
+        exact = base[row].double() + (x[row].double() @ ad.lora_a.double().T @ ad.lora_b.double().T) * ad.scaling
+        # one rounding to bf16 (half an ulp) plus fp32 sums far below it: within one bf16 ulp of the exact sum
+        ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        assert ((mixed[row].double() - exact).abs() <= ulp).all()

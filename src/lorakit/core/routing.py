@@ -35,6 +35,12 @@ from lorakit.errors import AdapterError
 # blocks win, for prefills and for batches over many adapters the rows do.
 GATHER_COST = 4.0
 
+# Rows grouped by adapter (one batched GEMM pair over the k distinct adapters, each group padded to
+# the largest) is taken while the padded row count k·m stays within this factor of the routed rows:
+# it does the rank arithmetic of each row once, with no per-row copy of the factors. Skewed batches
+# (one big group and many single rows) pad too much and fall back to the rows/blocks choice above.
+GROUPED_PADDING = 2.0
+
 
 class RouteHolder:
     """The routing of the forward pass in progress (None outside one), shared by all wrappers."""
@@ -136,6 +142,7 @@ class RowRouting:
         self._on_device: dict = {}
         self._groups: dict = {}
         self._keys: dict = {}
+        self._sizes: dict = {}
 
     def on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`index` moved to `device` once per forward (every layer shares the copy)."""
@@ -156,6 +163,17 @@ class RowRouting:
         key = self.key(row_slot)
         first = key[0] if key else 0
         return first if first and all(v == first for v in key) else None
+
+    def group_sizes(self, row_slot: torch.Tensor) -> list[int]:
+        """Rows per distinct non-zero slot of `row_slot`, in the order of :meth:`groups`' slots."""
+        entry = self._sizes.get(id(row_slot))
+        if entry is None:  # once per forward: every layer reads the same list
+            counts: dict[int, int] = {}
+            for v in self.key(row_slot):
+                if v:
+                    counts[v] = counts.get(v, 0) + 1
+            entry = self._sizes[id(row_slot)] = (row_slot, [counts[v] for v in sorted(counts)])
+        return entry[1]
 
     def groups(self, row_slot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(distinct non-zero slots (k,), one-hot (N, k) bool) of a row-slot index, once per forward."""
@@ -262,9 +280,14 @@ class FactorPool:
             self._scales[slot] = 0.0
             self.version += 1
 
-    def sync(self, slot: int, name: str, adapter) -> None:
-        """Copy a module adapter's factors into `slot` unless the copy there is still current."""
-        lora_a, lora_b = adapter.lora_a, adapter.lora_b  # once each: module attribute lookups are slow
+    def sync(self, slot: int, name: str, adapter, lora_a: torch.Tensor | None = None,
+             lora_b: torch.Tensor | None = None) -> None:
+        """Copy a module adapter's factors into `slot` unless the copy there is still current.
+
+        `lora_a`/`lora_b`: the adapter's factors when the caller has them at hand (saves the lookups).
+        """
+        if lora_a is None or lora_b is None:
+            lora_a, lora_b = adapter.lora_a, adapter.lora_b
         stamp = (slot, id(adapter), lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr(),
                  adapter.scaling)
         if self.stamps.get(name) == stamp and self.owner.get(slot) == name:
@@ -292,25 +315,67 @@ class FactorPool:
         if k == 0:
             return result
         only = routing.only_slot(row_slot)
-        if only is not None and result.dtype == self.dtype and not torch.is_grad_enabled():
+        if (only is not None and result.dtype == self.dtype and result.is_contiguous()
+                and not torch.is_grad_enabled()):
             # every row on one adapter (a batch-1 decode step, or one tenant): its own factors, no gather or
             # mask, summed into the fresh base output in place; the same products and rounding as the blocks below
-            u = torch.mm(x3.view(n * t, -1), self.a[only].T).mul_(self._scales[only])
+            u = torch.mm(x3.reshape(n * t, -1), self.a[only].T).mul_(self._scales[only])
             result.view(n * t, -1).addmm_(u, self.bt[only])
             return result
-        blocks = k * (GATHER_COST + n * t) <= n * (GATHER_COST + t)
-        key = (routing.key(row_slot), self.version, x.device, blocks)
+        sizes = routing.group_sizes(row_slot)  # rows per distinct adapter
+        m = max(sizes)
+        if k * m <= GROUPED_PADDING * sum(sizes):
+            mode = "grouped"
+        else:
+            mode = "blocks" if k * (GATHER_COST + n * t) <= n * (GATHER_COST + t) else "rows"
+        key = (routing.key(row_slot), self.version, x.device, mode)
         if self._last is None or self._last[0] != key:
-            self._last = (key, self._blocks(slots, onehot) if blocks else self._rows(routing.on(row_slot, x.device)))
+            if mode == "grouped":
+                operands = self._grouped(routing.on(row_slot, x.device), slots, m)
+            elif mode == "blocks":
+                operands = self._blocks(slots, onehot)
+            else:
+                operands = self._rows(routing.on(row_slot, x.device))
+            self._last = (key, operands)
+        if mode == "grouped":
+            return self._grouped_forward(x3, result, k, m, *self._last[1])
         first, keep, second = self._last[1]
         out3 = result.reshape(n, t, -1)
-        if blocks:  # (N·T, in) · (in, k·r), masked per row to its own block, · (k·r, out), added in the GEMM
+        if mode == "blocks":  # (N·T, in) · (in, k·r), masked per row to its own block, · (k·r, out), added in the GEMM
             u = torch.matmul(x3, first) * keep  # (N, T, k·r)
             delta = torch.addmm(out3.reshape(n * t, -1).to(self.dtype), u.view(n * t, -1), second)
         else:  # each row through its own A, then its own B, added in the batched GEMM
             u = torch.bmm(x3, first) * keep  # (N, T, r)
             delta = torch.baddbmm(out3.to(self.dtype), u, second)
         return delta.view(result.shape).to(result.dtype)
+
+    def _grouped_forward(self, x3: torch.Tensor, result: torch.Tensor, k: int, m: int, take: torch.Tensor,
+                         a_g: torch.Tensor, sbt_g: torch.Tensor, place: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by adapter, one batched GEMM pair over the k groups (Punica's SGMV on plain PyTorch)."""
+        n, t = x3.shape[0], x3.shape[1]
+        xg = x3.index_select(0, take).view(k, m * t, -1)  # (k, m·T, in): each adapter's rows, padded to m
+        delta = torch.bmm(torch.bmm(xg, a_g), sbt_g)  # (k, m·T, out): rank-r products only, per group
+        delta = delta.view(k * m, t, -1).index_select(0, place)  # the real rows, in `rows` order
+        if result.dtype == self.dtype and not torch.is_grad_enabled():
+            result.reshape(n, t, -1).index_add_(0, rows, delta)  # a view of the fresh base output: in place
+            return result
+        out = result.reshape(n, t, -1).to(self.dtype, copy=True).index_add_(0, rows, delta)
+        return out.view(result.shape).to(result.dtype)
+
+    def _grouped(self, row_slot: torch.Tensor, slots: torch.Tensor, m: int):
+        """take (k·m,) row per padded group position, Aᵀ (k, in, r), s·Bᵀ (k, r, out), place/rows (N_routed,)."""
+        k = slots.numel()
+        take = torch.zeros(k, m, dtype=torch.long, device=row_slot.device)  # padding reads row 0; never placed
+        place, rows = [], []
+        for j in range(k):
+            members = (row_slot == slots[j]).nonzero().squeeze(1)
+            take[j, :members.numel()] = members
+            place.append(torch.arange(members.numel(), device=row_slot.device) + j * m)
+            rows.append(members)
+        a_g = self.a.index_select(0, slots).transpose(1, 2).contiguous()
+        sbt_g = self.bt.index_select(0, slots) * self.scale.index_select(0, slots).view(-1, 1, 1)
+        return take.view(-1), a_g, sbt_g, torch.cat(place), torch.cat(rows)
 
     def _rows(self, row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's own factors: Aᵀ (N, in, r), scale (N, 1, 1), Bᵀ (N, r, out)."""

@@ -95,6 +95,13 @@ class LoraAdapter(nn.Module):
         layer.add_to_base_weight(-self.delta(layer))
 
 
+def _factors(adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of an adapter, read from its parameter dict when they live there (the fast case)."""
+    params = adapter._parameters
+    lora_a, lora_b = params.get("lora_a"), params.get("lora_b")
+    return (adapter.lora_a if lora_a is None else lora_a), (adapter.lora_b if lora_b is None else lora_b)
+
+
 class LoraLayer(Routed, nn.Module):
     """A base module wrapped with any number of named LoRA adapters.
 
@@ -321,19 +328,23 @@ class LoraLayer(Routed, nn.Module):
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """One adapter per row: gathered per row from the factor pool, or concatenated and masked."""
-        present = [(g, n) for g, n in enumerate(routing.names) if n in self.adapters]
-        custom = [(g, n) for g, n in present if self.adapters[n].custom_math]
-        present = [(g, n) for g, n in present if not self.adapters[n].custom_math]
+        modules = self.adapters._modules  # looked up once: nn.Module attribute access is slow on this hot path
+        present, custom = [], []
+        for g, name in enumerate(routing.names):
+            adapter = modules.get(name)
+            if adapter is not None:
+                (custom if adapter.custom_math else present).append((g, name))
         if custom:  # variants with their own math: one pass per adapter over its rows
             result = result.clone()
             for g, name in custom:
                 rows = (routing.row_index == g).nonzero().squeeze(1).to(x.device)
-                result[rows] = self.adapters[name].output(self, x[rows], result[rows]).to(result.dtype)
-        adapters = [self.adapters[n] for _, n in present]
-        if self._can_gather(adapters, result):
-            pool = self.ensure_factor_pool(adapters[0].lora_a if adapters else result)
-            for (_, name), adapter in zip(present, adapters):
-                pool.sync(routing.slots[name], name, adapter)
+                result[rows] = modules[name].output(self, x[rows], result[rows]).to(result.dtype)
+        adapters = [modules[n] for _, n in present]
+        factors = [_factors(ad) for ad in adapters]
+        if self._can_gather(adapters, factors):
+            pool = self.ensure_factor_pool(factors[0][0] if factors else result)
+            for (_, name), adapter, (lora_a, lora_b) in zip(present, adapters, factors):
+                pool.sync(routing.slots[name], name, adapter, lora_a, lora_b)
             pool.reserve(routing.max_slot)
             row_slot = routing.row_slot
             if custom:  # their rows were handled above: route them to the zero slot here
@@ -348,19 +359,18 @@ class LoraLayer(Routed, nn.Module):
             result = pool.forward(x, result, routing, routing.pooled_row_slot)
         return result
 
-    def _can_gather(self, adapters: list[LoraAdapter], result: torch.Tensor) -> bool:
+    def _can_gather(self, adapters: list[LoraAdapter], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Gather per row when no gradient must flow into the factors and dropout is off."""
         if not self.row_gather:
             return False
         if not adapters:
             return self.factor_pool is not None
-        if self.training and not all(isinstance(ad.dropout, nn.Identity) for ad in adapters):
+        if self.training and not all(type(ad._modules["dropout"]) is nn.Identity for ad in adapters):
             return False
         grad = torch.is_grad_enabled()
         pool = self.factor_pool
         dtype = None if pool is None else pool.dtype
-        for ad in adapters:
-            lora_a, lora_b = ad.lora_a, ad.lora_b  # once each: module attribute lookups are slow
+        for lora_a, lora_b in factors:
             if grad and (lora_a.requires_grad or lora_b.requires_grad):
                 return False
             dtype = lora_a.dtype if dtype is None else dtype
