@@ -143,6 +143,7 @@ class RowRouting:
         self._groups: dict = {}
         self._keys: dict = {}
         self._sizes: dict = {}
+        self._only: dict = {}
 
     def on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`index` moved to `device` once per forward (every layer shares the copy)."""
@@ -160,9 +161,12 @@ class RowRouting:
 
     def only_slot(self, row_slot: torch.Tensor) -> int | None:
         """The slot every row of `row_slot` uses when they all use the same non-zero one, else None."""
-        key = self.key(row_slot)
-        first = key[0] if key else 0
-        return first if first and all(v == first for v in key) else None
+        entry = self._only.get(id(row_slot))
+        if entry is None:  # once per forward: every layer asks
+            key = self.key(row_slot)
+            first = key[0] if key else 0
+            entry = self._only[id(row_slot)] = (row_slot, first if first and key.count(first) == len(key) else None)
+        return entry[1]
 
     def group_sizes(self, row_slot: torch.Tensor) -> list[int]:
         """Rows per distinct non-zero slot of `row_slot`, in the order of :meth:`groups`' slots."""
@@ -309,18 +313,22 @@ class FactorPool:
                 f"adapter_names has {row_slot.numel()} entries but this layer sees a batch of {n} rows; "
                 "pass one adapter name per row of the input batch"
             )
-        x3 = x.reshape(n, -1, x.shape[-1]).to(self.dtype)  # (N, T, in)
-        slots, onehot = routing.groups(row_slot, x.device)
-        k, t = slots.numel(), x3.shape[1]
-        if k == 0:
-            return result
         only = routing.only_slot(row_slot)
         if (only is not None and result.dtype == self.dtype and result.is_contiguous()
                 and not torch.is_grad_enabled()):
             # every row on one adapter (a batch-1 decode step, or one tenant): its own factors, no gather or
             # mask, summed into the fresh base output in place; the same products and rounding as the blocks below
-            u = torch.mm(x3.reshape(n * t, -1), self.a[only].T).mul_(self._scales[only])
-            result.view(n * t, -1).addmm_(u, self.bt[only])
+            key = ("only", only, self.version, x.device)
+            if self._last is None or self._last[0] != key:
+                self._last = (key, (self.a[only].T, self.bt[only], self._scales[only]))
+            a_t, bt, scale = self._last[1]
+            u = torch.mm(x.reshape(-1, x.shape[-1]).to(self.dtype), a_t).mul_(scale)
+            result.view(-1, result.shape[-1]).addmm_(u, bt)
+            return result
+        x3 = x.reshape(n, -1, x.shape[-1]).to(self.dtype)  # (N, T, in)
+        slots, onehot = routing.groups(row_slot, x.device)
+        k, t = slots.numel(), x3.shape[1]
+        if k == 0:
             return result
         sizes = routing.group_sizes(row_slot)  # rows per distinct adapter
         m = max(sizes)
