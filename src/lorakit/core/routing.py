@@ -11,12 +11,13 @@ make that cost what the rank arithmetic costs, whatever the number of adapters i
   index per forward, computed once and read by every layer.
 * :class:`FactorPool`: one per layer, the factors of every adapter with a slot there, stacked:
   ``a`` (S, r_max, in), ``bt`` (S, r_max, out) (Bᵀ), ``scale`` (S,), lower ranks zero-padded and
-  slot 0 all zeros. The routed forward gathers factors by slot, never touching the other resident
-  adapters: either each row's own A and B (Punica's SGMV idea on plain PyTorch, ``bmm`` row by
-  row: two rank-r products per row however many adapters the batch mixes), or — cheaper when few
-  adapters share many rows, e.g. 4 adapters over a 16-row decode step — the k distinct adapters'
-  factors side by side (rank k·r) with each row masked to its own block. A cost model picks one
-  per layer call (:data:`GATHER_COST`).
+  slot 0 all zeros. The routed forward takes factors by slot, never touching the other resident
+  adapters. Rows all on one adapter use its factors directly. Otherwise the rows are grouped by
+  adapter and each group runs through its own A and B in one batched GEMM pair (Punica's SGMV idea
+  on plain PyTorch: two rank-r products per row however many adapters the batch mixes), while the
+  padding to the largest group stays small (:data:`GROUPED_PADDING`). Skewed batches take either
+  each row's own A and B (``bmm`` row by row) or the k distinct adapters' factors side by side
+  (rank k·r) with each row masked to its own block; a cost model picks one (:data:`GATHER_COST`).
 """
 
 from __future__ import annotations
