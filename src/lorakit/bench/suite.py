@@ -242,12 +242,8 @@ def qlora_step(repeats: int) -> list[Row]:
     rows = []
     for tag in COMPUTE:
         name = f"QLoRA step {tag}, SmolLM2 shapes (576/1536, 9/3 heads), 4 layers, 4×128, all-linear r=16"
-        rows += [
-            _cpu_row(f"{name} vs PEFT + bitsandbytes", t, f"ours {tag}", f"theirs {tag}", "PEFT+bnb", "<= 0.8"),
-            _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, f"floor {tag}",
-                     f"theirs {tag}", "PEFT+bnb"),
-            _cpu_row(f"{name}: lorakit vs the floor (reference)", t, f"ours {tag}", f"floor {tag}", "floor"),
-        ]
+        rows += _vs_peft_bnb(t, name, tag, "PEFT + bitsandbytes")
+        rows.append(_cpu_row(f"{name}: lorakit vs the floor (reference)", t, f"ours {tag}", f"floor {tag}", "floor"))
     rows.append(_cpu_row("QLoRA step bf16 vs fp32, lorakit (reference)", t, "ours bf16", "ours fp32", "fp32"))
     rows.append(_cpu_row("QLoRA step bf16 vs fp32, PEFT + bnb (reference)", t, "theirs bf16", "theirs fp32", "fp32"))
     for out_f, in_f in SMOLLM2_SHAPES + [(4096, 4096)]:
@@ -300,12 +296,17 @@ def _qlora_layer(out_f: int, in_f: int, repeats: int, bnb, peft, tokens: int = 5
     rows = []
     for tag in COMPUTE:
         name = f"QLoRA linear {out_f}×{in_f} (out×in) {tag}, fwd+bwd of {tokens} tokens, r=16"
-        rows += [
-            _cpu_row(f"{name} vs PEFT + bnb", t, f"ours {tag}", f"theirs {tag}", "PEFT+bnb", "<= 0.8"),
-            _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, f"floor {tag}",
-                     f"theirs {tag}", "PEFT+bnb"),
-        ]
+        rows += _vs_peft_bnb(t, name, tag, "PEFT + bnb")
     return rows
+
+
+def _vs_peft_bnb(t: dict, name: str, tag: str, theirs: str) -> list[Row]:
+    """lorakit vs PEFT + bitsandbytes (target ≤ 0.8) and the floor vs PEFT + bitsandbytes, for one compute dtype."""
+    return [
+        _cpu_row(f"{name} vs {theirs}", t, f"ours {tag}", f"theirs {tag}", "PEFT+bnb", "<= 0.8"),
+        _cpu_row(f"{name}: the floor (dense, frozen) vs PEFT + bnb (reference)", t, f"floor {tag}",
+                 f"theirs {tag}", "PEFT+bnb"),
+    ]
 
 
 def _bnb_quantize(model, bnb, compute_dtype: torch.dtype = torch.float32) -> None:
