@@ -42,6 +42,10 @@ GATHER_COST = 4.0
 # (one big group and many single rows) pad too much and fall back to the rows/blocks choice above.
 GROUPED_PADDING = 2.0
 
+# Gathered operands kept per layer (by batch rows and pool version): a few, so that a server
+# alternating a few batch compositions, or a benchmark interleaving them, doesn't rebuild them per call.
+OPERAND_CACHE = 4
+
 
 class RouteHolder:
     """The routing of the forward pass in progress (None outside one), shared by all wrappers."""
@@ -221,8 +225,11 @@ class FactorPool:
         self.slot_of: dict[str, int] = {}  # the reverse: clearing is O(1), not a scan over the slots
         self.stamps: dict[str, tuple] = {}  # module adapter name -> what its copy was made from
         self.version = 0  # moves on every change: the gathered operands below are cached against it
-        self._last: tuple | None = None  # (key, operands) of the last routed call: a decode step's
-        # batch repeats step after step, so its gathered factors are reused until rows or pool change
+        # gathered operands of the last few routed calls by (rows, pool version, ...): a decode step's batch
+        # repeats step after step, and a server alternates a few batch shapes, so they are reused until the
+        # rows or the pool change
+        self._operands: dict[tuple, tuple] = {}
+        self._operands_version = 0
 
     @property
     def device(self) -> torch.device:
@@ -319,10 +326,8 @@ class FactorPool:
                 and not torch.is_grad_enabled()):
             # every row on one adapter (a batch-1 decode step, or one tenant): its own factors, no gather or
             # mask, summed into the fresh base output in place; the same products and rounding as the blocks below
-            key = ("only", only, self.version, x.device)
-            if self._last is None or self._last[0] != key:
-                self._last = (key, (self.a[only].T, self.bt[only], self._scales[only]))
-            a_t, bt, scale = self._last[1]
+            a_t, bt, scale = self._cached(("only", only, self.version, x.device),
+                                          lambda: (self.a[only].T, self.bt[only], self._scales[only]))
             u = torch.mm(x.reshape(-1, x.shape[-1]).to(self.dtype), a_t).mul_(scale)
             result.view(-1, result.shape[-1]).addmm_(u, bt)
             return result
@@ -338,17 +343,12 @@ class FactorPool:
         else:
             mode = "blocks" if k * (GATHER_COST + n * t) <= n * (GATHER_COST + t) else "rows"
         key = (routing.key(row_slot), self.version, x.device, mode)
-        if self._last is None or self._last[0] != key:
-            if mode == "grouped":
-                operands = self._grouped(routing.on(row_slot, x.device), slots, m)
-            elif mode == "blocks":
-                operands = self._blocks(slots, onehot)
-            else:
-                operands = self._rows(routing.on(row_slot, x.device))
-            self._last = (key, operands)
         if mode == "grouped":
-            return self._grouped_forward(x3, result, k, m, *self._last[1])
-        first, keep, second = self._last[1]
+            return self._grouped_forward(x3, result, k, m, *self._cached(
+                key, lambda: self._grouped(routing.on(row_slot, x.device), slots, m)))
+        operands = self._cached(key, lambda: self._blocks(slots, onehot) if mode == "blocks"
+                                else self._rows(routing.on(row_slot, x.device)))
+        first, keep, second = operands
         out3 = result.reshape(n, t, -1)
         if mode == "blocks":  # (N·T, in) · (in, k·r), masked per row to its own block, · (k·r, out), added in the GEMM
             u = torch.matmul(x3, first) * keep  # (N, T, k·r)
@@ -357,6 +357,18 @@ class FactorPool:
             u = torch.bmm(x3, first) * keep  # (N, T, r)
             delta = torch.baddbmm(out3.to(self.dtype), u, second)
         return delta.view(result.shape).to(result.dtype)
+
+    def _cached(self, key: tuple, build) -> tuple:
+        """The operands cached under `key`, built on a miss; the oldest of more than a few is dropped."""
+        if self._operands_version != self.version:  # the pool changed: every cached operand is stale
+            self._operands.clear()
+            self._operands_version = self.version
+        operands = self._operands.get(key)
+        if operands is None:
+            if len(self._operands) >= OPERAND_CACHE:
+                del self._operands[next(iter(self._operands))]
+            operands = self._operands[key] = build()
+        return operands
 
     def _grouped_forward(self, x3: torch.Tensor, result: torch.Tensor, k: int, m: int, take: torch.Tensor,
                          a_g: torch.Tensor, sbt_g: torch.Tensor, place: torch.Tensor,
