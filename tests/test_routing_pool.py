@@ -45,12 +45,18 @@ def test_gathered_mixed_batch_equals_each_row_alone(shape, cost, padding, monkey
     picks between them."""
     monkeypatch.setattr(routing, "GATHER_COST", cost)
     monkeypatch.setattr(routing, "GROUPED_PADDING", padding)
+    monkeypatch.setattr(routing, "GROUPED_COPY", float("inf") if padding == float("inf") else 1.0)
+    grouped_calls = []
+    original = routing.FactorPool._grouped_forward
+    monkeypatch.setattr(routing.FactorPool, "_grouped_forward",
+                        lambda self, *a: grouped_calls.append(1) or original(self, *a))
     lm = _model()
     ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(0))
     names = ["a", "b", None, "c", "b", "a"][: shape[0]]
     with torch.no_grad():
         mixed = lm(ids, adapter_names=names).logits
     assert all(layer.factor_pool is not None for layer in lm.lora_layers())  # the gather path ran
+    assert bool(grouped_calls) == (padding == float("inf") or (padding > 0 and shape[1] == 1))
     for row, name in enumerate(names):
         alone = _alone(lm, ids[row:row + 1], name)
         assert_close_fp32(mixed[row:row + 1], alone, reduction=REDUCTION, depth=DEPTH)
@@ -193,6 +199,7 @@ def test_half_precision_base_mixed_rows_sum_in_fp32_and_round_once(padding, monk
     from lorakit.core.layers import LoraLinear
 
     monkeypatch.setattr(routing, "GROUPED_PADDING", padding)
+    monkeypatch.setattr(routing, "GROUPED_COPY", padding)  # rows of 3 tokens: grouped only when forced
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(32, 24).to(torch.bfloat16))
     for name, rank in (("a", 4), ("b", 2)):

@@ -41,6 +41,9 @@ GATHER_COST = 4.0
 # it does the rank arithmetic of each row once, with no per-row copy of the factors. Skewed batches
 # (one big group and many single rows) pad too much and fall back to the rows/blocks choice above.
 GROUPED_PADDING = 2.0
+# ... and while the rows it copies (T tokens in, T out and back) are no more than this times the rank-r
+# factors the per-row gather would copy instead: a decode step (T = 1) groups, a long prefill doesn't.
+GROUPED_COPY = 1.0
 
 # Gathered operands kept per layer (by batch rows and pool version): a few, so that a server
 # alternating a few batch compositions, or a benchmark interleaving them, doesn't rebuild them per call.
@@ -338,7 +341,10 @@ class FactorPool:
             return result
         sizes = routing.group_sizes(row_slot)  # rows per distinct adapter
         m = max(sizes)
-        if k * m <= GROUPED_PADDING * sum(sizes):
+        r, d_in, d_out = self.a.shape[1], self.a.shape[2], self.bt.shape[2]
+        # grouping copies each routed row's T inputs in and T outputs out (twice); the per-row gather copies
+        # each row's r-rank factors instead (cached while the batch repeats): long rows (prefill) keep the latter
+        if k * m <= GROUPED_PADDING * sum(sizes) and t * (d_in + 2 * d_out) <= GROUPED_COPY * r * (d_in + d_out):
             mode = "grouped"
         else:
             mode = "blocks" if k * (GATHER_COST + n * t) <= n * (GATHER_COST + t) else "rows"
