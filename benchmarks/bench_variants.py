@@ -7,8 +7,8 @@ target modules (query, value); rank 8 (AdaLoRA: 12 → 8 on average).
 
 Learning rate: one shared lr favours the variant it was tuned for (LoRA's 2e-3 overshoots LoRA+ at
 ratio 16 and starves AdaLoRA). ``--tune-lr LR ...`` first picks each variant's own lr from that grid
-on a held-out validation split (the last 20% of the training set, one tuning seed, never the test
-set), then trains every variant at its pick on the full training set for each of ``--seeds``.
+on a held-out validation split (the last 20% of the training set, never the test set; the mean over
+``--tune-seed`` seeds), then trains every variant at its pick on the full training set for each of ``--seeds``.
 
 ``--results FILE.jsonl`` appends one JSON line per finished training (tuning or test run), so a run
 stopped early (a deadline, a crash) still leaves its numbers, and the same command run again reads
@@ -212,10 +212,10 @@ def truncated_accuracy(model, test_data, b: int) -> float:
     return acc
 
 
-def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: list[float], seed: int,
+def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: list[float], seeds: list[int],
              log: RunLog) -> dict:
     """Each variant's best lr from ``grid`` by accuracy on a validation split held out of the training set
-    (last 20%), trained on the other 80% with one tuning seed; ties go to the smaller lr."""
+    (last 20%), trained on the other 80%, averaged over the tuning ``seeds``; ties go to the smaller lr."""
     n_val = len(train_data[2]) // 5
     fit = tuple(t[:-n_val] for t in train_data)
     val = tuple(t[-n_val:] for t in train_data)
@@ -223,14 +223,21 @@ def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: li
     for variant in chosen:
         scores = {}
         for lr in grid:
-            res = log.get("tune", variant.name, lr, seed)
-            if res is None:
-                torch.manual_seed(seed)
-                res = train(variant, fit, val, steps, batch, lr, seed)
-                log.add("tune", variant.name, lr, seed, res)
-            scores[lr] = res["accuracy"] if math.isfinite(res["final_loss"]) else -1.0
-            print(f"  tune {variant.name:20s} lr {lr:g}: val acc {scores[lr]:.3f} loss {res['final_loss']:.3f}"
-                  + (" (read back from --results)" if res.get("read_back") else ""), flush=True)
+            accs = []
+            for seed in seeds:
+                res = log.get("tune", variant.name, lr, seed)
+                if res is None:
+                    torch.manual_seed(seed)
+                    res = train(variant, fit, val, steps, batch, lr, seed)
+                    log.add("tune", variant.name, lr, seed, res)
+                accs.append(res["accuracy"] if math.isfinite(res["final_loss"]) else -1.0)
+                print(f"  tune {variant.name:20s} lr {lr:g} seed {seed}: val acc {accs[-1]:.3f} "
+                      f"loss {res['final_loss']:.3f}" + (" (read back from --results)" if res.get("read_back") else ""),
+                      flush=True)
+            scores[lr] = statistics.fmean(accs)
+            if len(seeds) > 1:
+                print(f"  tune {variant.name:20s} lr {lr:g}: mean val acc {scores[lr]:.3f} over seeds {seeds}",
+                      flush=True)
         best = max(scores.values())
         picks[variant.name] = min(lr for lr, acc in scores.items() if acc == best)
     return picks
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tune-lr", type=float, nargs="+", metavar="LR",
                         help="pick each variant's lr from these on a validation split first (see the docstring)")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the seed of the tuning runs")
+    parser.add_argument("--tune-seed", type=int, nargs="+", default=[100],
+                        help="the seeds of the tuning runs (several: the mean validation accuracy picks)")
     parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
                         help="a variant's own lr (name prefix, e.g. AdaLoRA=1e-2), instead of --lr or tuning")
     parser.add_argument("--quick", action="store_true", help="10 steps on 160 examples: a smoke run")
@@ -313,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     sweeps = {label: {b: statistics.fmean(r["sweep"][b] for r in rows[name]) for b in ranks}
               for label, name in (("LoRA truncated", "LoRA"), ("DyLoRA", "DyLoRA (at r=8)")) if name in rows}
     print()
-    print("| variant | lr | trainable params | step time (ms, interleaved median) | vs LoRA | train loss at mid-run "
+    timing = "interleaved median" if args.quick or args.timing_rounds > 0 else "in-run median"
+    print(f"| variant | lr | trainable params | step time (ms, {timing}) | vs LoRA | train loss at mid-run "
           "| final train loss | test accuracy (mean ± sd over seeds) | per seed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     lora_ms = statistics.fmean(r["step_ms"] for r in rows.get("LoRA", next(iter(rows.values()))))

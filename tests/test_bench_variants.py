@@ -77,3 +77,27 @@ def test_a_rerun_reads_every_finished_training_back_and_trains_nothing(tmp_path,
     assert [r.split("|")[1:3] + r.split("|")[6:] for r in same] == [r.split("|")[1:3] + r.split("|")[6:]
                                                                      for r in table]
     assert len(path.read_text().splitlines()) == 2  # nothing appended twice
+
+
+def test_the_pick_is_the_best_mean_over_tuning_seeds_and_a_tie_goes_to_the_smaller_lr(tmp_path, monkeypatch):
+    # seed 100 alone would pick 5e-3 (0.80); over both seeds 2e-3 wins (0.76 vs 0.70); 1e-2 diverges
+    val_acc = {(2e-3, 100): 0.78, (2e-3, 101): 0.74, (5e-3, 100): 0.80, (5e-3, 101): 0.60,
+               (1e-2, 100): 0.90, (1e-2, 101): 0.90}
+    seen = []
+
+    def fake_train(variant, fit, val, steps, batch, lr, seed):
+        seen.append((len(fit[2]), len(val[2])))
+        loss = float("nan") if lr == 1e-2 else 0.5
+        return dict(accuracy=val_acc[(lr, seed)], final_loss=loss, half_loss=1.0, trainable=1, step_ms=1.0)
+
+    monkeypatch.setattr(bench_variants, "train", fake_train)
+    data = (torch.zeros(10, 4), torch.ones(10, 4), torch.arange(10))
+    variant = bench_variants.variants(64)[0]
+    log = bench_variants.RunLog(str(tmp_path / "runs.jsonl"), SETUP)
+    assert bench_variants.tune_lrs([variant], data, 64, 16, [2e-3, 5e-3, 1e-2], [100, 101], log) == {"LoRA": 2e-3}
+    assert set(seen) == {(8, 2)}  # trained on the first 80%, scored on the held-out last 20%
+    assert bench_variants.tune_lrs([variant], data, 64, 16, [2e-3, 5e-3], [100], log) == {"LoRA": 5e-3}
+    assert len(seen) == 6  # the second call read its runs back
+
+    val_acc.update({(1e-3, 100): 0.80})
+    assert bench_variants.tune_lrs([variant], data, 64, 16, [1e-3, 5e-3], [100], log) == {"LoRA": 1e-3}
