@@ -14,8 +14,10 @@ on a held-out validation split (the last 20% of the training set, never the test
 stopped early (a deadline, a crash) still leaves its numbers, and the same command run again reads
 those back instead of retraining them and carries on where it stopped.
 
-    .venv/bin/python benchmarks/bench_variants.py --tune-lr 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 --seeds 0 1 2
-                                                             # the table in BENCHMARKS.md (~40 min, 1 thread)
+    .venv/bin/python benchmarks/bench_variants.py --only LoRA --tune-lr 1e-3 2e-3 5e-3 1e-2 \
+        --tune-seed 100 101 102 --seeds 0 1 2 --timing-rounds 0 --results benchmarks/variants_results.jsonl
+                                     # one row of the table in BENCHMARKS.md (~8 min on a quiet core, 1 thread);
+                                     # that section lists every variant's command
     .venv/bin/python benchmarks/bench_variants.py            # every variant at --lr, seed 0 (~7 min)
     .venv/bin/python benchmarks/bench_variants.py --quick    # a smoke run (~1 min)
 """
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"task docstring-topics: {len(train_split)} train / {len(task.test)} test, {len(task.labels)} classes; "
           f"MiniLM-L6 (22.7M), targets {TARGETS}, {steps} steps of batch {args.batch} × {MAX_LEN} tokens, "
-          f"AdamW lr {args.tune_lr or args.lr}, torch threads {torch.get_num_threads()}, seeds {args.seeds}")
+          f"AdamW (lr per variant below), torch threads {torch.get_num_threads()}, seeds {args.seeds}")
     every = variants(steps)
     exact = {v.name for v in every}  # an exact name selects that variant alone ("LoRA" is not "LoRA+ ...")
     chosen = [v for v in every if not args.only
