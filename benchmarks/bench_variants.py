@@ -7,11 +7,17 @@ target modules (query, value); rank 8 (AdaLoRA: 12 → 8 on average).
 
 Learning rate: one shared lr favours the variant it was tuned for (LoRA's 2e-3 overshoots LoRA+ at
 ratio 16 and starves AdaLoRA). ``--tune-lr LR ...`` first picks each variant's own lr from that grid
-on a held-out validation split (the last 20% of the training set, one tuning seed, never the test
-set), then trains every variant at its pick on the full training set for each of ``--seeds``.
+on a held-out validation split (the last 20% of the training set, never the test set; the mean over
+``--tune-seed`` seeds), then trains every variant at its pick on the full training set for each of ``--seeds``.
 
-    .venv/bin/python benchmarks/bench_variants.py --tune-lr 5e-4 1e-3 2e-3 5e-3 1e-2 2e-2 --seeds 0 1 2
-                                                             # the table in BENCHMARKS.md (~40 min, 1 thread)
+``--results FILE.jsonl`` appends one JSON line per finished training (tuning or test run), so a run
+stopped early (a deadline, a crash) still leaves its numbers, and the same command run again reads
+those back instead of retraining them and carries on where it stopped.
+
+    .venv/bin/python benchmarks/bench_variants.py --only LoRA --tune-lr 1e-3 2e-3 5e-3 1e-2 \
+        --tune-seed 100 101 102 --seeds 0 1 2 --timing-rounds 0 --results benchmarks/variants_results.jsonl
+                                     # one row of the table in BENCHMARKS.md (~8 min on a quiet core, 1 thread);
+                                     # that section lists every variant's command
     .venv/bin/python benchmarks/bench_variants.py            # every variant at --lr, seed 0 (~7 min)
     .venv/bin/python benchmarks/bench_variants.py --quick    # a smoke run (~1 min)
 """
@@ -19,6 +25,7 @@ set), then trains every variant at its pick on the full training set for each of
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -62,6 +69,51 @@ def variants(total_steps: int) -> list[Variant]:
                                                   orth_reg_weight=0.1, **common)),
         Variant("DyLoRA (at r=8)", LoraConfig(r=8, lora_alpha=16, use_dylora=True, **common)),
     ]
+
+
+SAVED = ("trainable", "step_ms", "half_loss", "final_loss", "accuracy", "note", "sweep")  # what a record keeps
+
+
+class RunLog:
+    """Finished trainings, one JSON line each, keyed by (kind, variant, lr, seed) under one ``setup`` (steps,
+    batch, data size): a record made under another setup is never read back as this one's."""
+
+    def __init__(self, path: str | None, setup: dict):
+        self.path, self.setup, self.done = path, setup, {}
+        if not path or not os.path.exists(path):
+            return
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill mid-write: that run is simply redone
+                    print(f"{path}:{number}: not a whole JSON record, ignored", flush=True)
+                    continue
+                if rec["setup"] == setup:
+                    result = rec["result"]
+                    if "sweep" in result:  # JSON object keys are strings
+                        result["sweep"] = {int(b): acc for b, acc in result["sweep"].items()}
+                    self.done[self._key(rec["kind"], rec["name"], rec["lr"], rec["seed"])] = result
+
+    @staticmethod
+    def _key(kind: str, name: str, lr: float, seed: int) -> tuple:
+        return kind, name, float(lr), int(seed)
+
+    def get(self, kind: str, name: str, lr: float, seed: int) -> dict | None:
+        """The recorded result of that training, or None if it has not finished under this setup."""
+        found = self.done.get(self._key(kind, name, lr, seed))
+        return dict(found, name=name, read_back=True) if found is not None else None
+
+    def add(self, kind: str, name: str, lr: float, seed: int, result: dict) -> None:
+        """Record a finished training, on disk at once (one appended line, flushed and synced)."""
+        kept = {k: result[k] for k in SAVED if k in result}
+        self.done[self._key(kind, name, lr, seed)] = kept
+        if self.path:
+            line = json.dumps(dict(kind=kind, name=name, lr=lr, seed=seed, setup=self.setup, result=kept))
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def encode(task_split, tokenizer):
@@ -162,9 +214,10 @@ def truncated_accuracy(model, test_data, b: int) -> float:
     return acc
 
 
-def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: list[float], seed: int) -> dict:
+def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: list[float], seeds: list[int],
+             log: RunLog) -> dict:
     """Each variant's best lr from ``grid`` by accuracy on a validation split held out of the training set
-    (last 20%), trained on the other 80% with one tuning seed; ties go to the smaller lr."""
+    (last 20%), trained on the other 80%, averaged over the tuning ``seeds``; ties go to the smaller lr."""
     n_val = len(train_data[2]) // 5
     fit = tuple(t[:-n_val] for t in train_data)
     val = tuple(t[-n_val:] for t in train_data)
@@ -172,11 +225,21 @@ def tune_lrs(chosen: list[Variant], train_data, steps: int, batch: int, grid: li
     for variant in chosen:
         scores = {}
         for lr in grid:
-            torch.manual_seed(seed)
-            res = train(variant, fit, val, steps, batch, lr, seed)
-            scores[lr] = res["accuracy"] if math.isfinite(res["final_loss"]) else -1.0
-            print(f"  tune {variant.name:20s} lr {lr:g}: val acc {scores[lr]:.3f} loss {res['final_loss']:.3f}",
-                  flush=True)
+            accs = []
+            for seed in seeds:
+                res = log.get("tune", variant.name, lr, seed)
+                if res is None:
+                    torch.manual_seed(seed)
+                    res = train(variant, fit, val, steps, batch, lr, seed)
+                    log.add("tune", variant.name, lr, seed, res)
+                accs.append(res["accuracy"] if math.isfinite(res["final_loss"]) else -1.0)
+                print(f"  tune {variant.name:20s} lr {lr:g} seed {seed}: val acc {accs[-1]:.3f} "
+                      f"loss {res['final_loss']:.3f}" + (" (read back from --results)" if res.get("read_back") else ""),
+                      flush=True)
+            scores[lr] = statistics.fmean(accs)
+            if len(seeds) > 1:
+                print(f"  tune {variant.name:20s} lr {lr:g}: mean val acc {scores[lr]:.3f} over seeds {seeds}",
+                      flush=True)
         best = max(scores.values())
         picks[variant.name] = min(lr for lr, acc in scores.items() if acc == best)
     return picks
@@ -192,13 +255,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tune-lr", type=float, nargs="+", metavar="LR",
                         help="pick each variant's lr from these on a validation split first (see the docstring)")
-    parser.add_argument("--tune-seed", type=int, default=100, help="the seed of the tuning runs")
+    parser.add_argument("--tune-seed", type=int, nargs="+", default=[100],
+                        help="the seeds of the tuning runs (several: the mean validation accuracy picks)")
     parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
                         help="a variant's own lr (name prefix, e.g. AdaLoRA=1e-2), instead of --lr or tuning")
     parser.add_argument("--quick", action="store_true", help="10 steps on 160 examples: a smoke run")
     parser.add_argument("--only", nargs="*", help="variant names to run (an exact name, else a prefix)")
     parser.add_argument("--plot", default="benchmarks/dylora_rank_sweep.png")
-    parser.add_argument("--timing-rounds", type=int, default=15, help="interleaved timing steps per variant")
+    parser.add_argument("--timing-rounds", type=int, default=15,
+                        help="interleaved timing steps per variant (0: keep each training's in-run median)")
+    parser.add_argument("--results", metavar="FILE.jsonl",
+                        help="append each finished training here, and read back those already there (resume)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load report per model
@@ -213,14 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {' '.join([os.path.relpath(sys.executable), *sys.argv])}")
     print(f"task docstring-topics: {len(train_split)} train / {len(task.test)} test, {len(task.labels)} classes; "
           f"MiniLM-L6 (22.7M), targets {TARGETS}, {steps} steps of batch {args.batch} × {MAX_LEN} tokens, "
-          f"AdamW lr {args.tune_lr or args.lr}, torch threads {torch.get_num_threads()}, seeds {args.seeds}")
+          f"AdamW (lr per variant below), torch threads {torch.get_num_threads()}, seeds {args.seeds}")
     every = variants(steps)
     exact = {v.name for v in every}  # an exact name selects that variant alone ("LoRA" is not "LoRA+ ...")
     chosen = [v for v in every if not args.only
               or any(v.name == o if o in exact else v.name.startswith(o) for o in args.only)]
+    log = RunLog(args.results, dict(steps=steps, batch=args.batch, train=len(train_split), max_len=MAX_LEN))
     lrs = {v.name: args.lr for v in chosen}
     if args.tune_lr:
-        lrs = tune_lrs(chosen, train_data, steps, args.batch, sorted(args.tune_lr), args.tune_seed)
+        lrs = tune_lrs(chosen, train_data, steps, args.batch, sorted(args.tune_lr), args.tune_seed, log)
     for item in args.lr_for:
         prefix, _, value = item.partition("=")
         matched = [v.name for v in chosen if v.name.startswith(prefix)]
@@ -229,31 +297,34 @@ def main(argv: list[str] | None = None) -> None:
         lrs.update({name: float(value) for name in matched})
     print("lr per variant: " + ", ".join(f"{name} {lr:g}" for name, lr in lrs.items()), flush=True)
     rows: dict[str, list[dict]] = {}
-    sweeps: dict[str, dict[int, float]] = {}
+    ranks = [1, 2, 4, 8]
     for seed in args.seeds:
         for variant in chosen:
-            torch.manual_seed(seed)
-            res = train(variant, train_data, test_data, steps, args.batch, lrs[variant.name], seed)
+            res = log.get("test", variant.name, lrs[variant.name], seed)
+            if res is None:
+                torch.manual_seed(seed)
+                res = train(variant, train_data, test_data, steps, args.batch, lrs[variant.name], seed)
+                if variant.name.startswith("DyLoRA"):
+                    res["sweep"] = rank_sweep(res["model"], lambda m: accuracy(m, test_data), ranks)
+                if variant.name == "LoRA":  # cut to its first b components, for the DyLoRA comparison
+                    res["sweep"] = {b: truncated_accuracy(res["model"], test_data, b) for b in ranks}
+                log.add("test", variant.name, lrs[variant.name], seed, res)
             rows.setdefault(variant.name, []).append(res)
             print(f"  seed {seed} {variant.name:20s} acc {res['accuracy']:.3f} loss {res['final_loss']:.3f} "
-                  f"(in-run median step {res['step_ms']:.0f} ms)", flush=True)
-            ranks = [1, 2, 4, 8]
-            if variant.name.startswith("DyLoRA"):
-                sweeps.setdefault("DyLoRA", {})
-                for b, acc in rank_sweep(res["model"], lambda m: accuracy(m, test_data), ranks).items():
-                    sweeps["DyLoRA"][b] = sweeps["DyLoRA"].get(b, 0) + acc / len(args.seeds)
-            if variant.name == "LoRA":
-                sweeps.setdefault("LoRA truncated", {})
-                for b in ranks:
-                    acc = truncated_accuracy(res["model"], test_data, b)
-                    sweeps["LoRA truncated"][b] = sweeps["LoRA truncated"].get(b, 0) + acc / len(args.seeds)
-        done = [rs[-1] for rs in rows.values()]
-        interleaved_step_times(done, train_data, args.batch, 3 if args.quick else args.timing_rounds, steps // 2)
-        for res in done:
+                  f"(in-run median step {res['step_ms']:.0f} ms)"
+                  + (" (read back from --results)" if res.get("read_back") else ""), flush=True)
+        trained = [rs[-1] for rs in rows.values() if not rs[-1].get("read_back")]  # no model to time
+        rounds = 3 if args.quick else args.timing_rounds
+        if trained and rounds > 0:
+            interleaved_step_times(trained, train_data, args.batch, rounds, steps // 2)
+        for res in trained:
             for key in ("model", "opt", "hooks"):
                 res.pop(key)
+    sweeps = {label: {b: statistics.fmean(r["sweep"][b] for r in rows[name]) for b in ranks}
+              for label, name in (("LoRA truncated", "LoRA"), ("DyLoRA", "DyLoRA (at r=8)")) if name in rows}
     print()
-    print("| variant | lr | trainable params | step time (ms, interleaved median) | vs LoRA | train loss at mid-run "
+    timing = "interleaved median" if args.quick or args.timing_rounds > 0 else "in-run median"
+    print(f"| variant | lr | trainable params | step time (ms, {timing}) | vs LoRA | train loss at mid-run "
           "| final train loss | test accuracy (mean ± sd over seeds) | per seed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     lora_ms = statistics.fmean(r["step_ms"] for r in rows.get("LoRA", next(iter(rows.values()))))
@@ -265,11 +336,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{statistics.fmean(r['half_loss'] for r in results):.3f} | "
               f"{statistics.fmean(r['final_loss'] for r in results):.3f} | {statistics.fmean(acc):.3f}{spread} | "
               f"{' / '.join(f'{a:.3f}' for a in acc)} |")
+    if any(r.get("read_back") for rs in rows.values() for r in rs):
+        print("\nRuns read back from --results keep their in-run median step time, not an interleaved one.")
     for name, results in rows.items():
         if "note" in results[0]:
             print(f"\n{name}: {results[0]['note']}")
     if sweeps:
-        ranks = sorted(next(iter(sweeps.values())))
         print("\n| test accuracy at rank b | " + " | ".join(f"b={b}" for b in ranks) + " |")
         print("|---|" + "---:|" * len(ranks))
         for name, sweep in sweeps.items():
