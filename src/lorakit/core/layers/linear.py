@@ -185,7 +185,7 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     Half-precision x with fp32 factors (a bf16/fp16 base, QLoRA's bf16 compute): the base GEMMs run
     in x's dtype on W dequantised straight to it. u = x_d·Aᵀ runs in fp32 on x_d cast once (that
-    fp32 copy is what backward keeps, as PEFT's lora_A keeps its fp32 input). The expansion is one
+    fp32 copy is what backward keeps, as PEFT's A projection keeps its fp32 input). The expansion is one
     half-precision GEMM accumulated in place into the base output, y = h(x·Wᵀ) + s·h(u)·h(B)ᵀ with
     h() rounding to x's dtype, fp32 products and sums, and one rounding of y at the end. PEFT's bnb
     4-bit layer instead forms s·u·Bᵀ in fp32, rounds it to bf16, then adds (its own rounding): both
