@@ -384,8 +384,8 @@ class FactorPool:
         xg = x3.index_select(0, take).view(k, m * t, -1)  # (k, m·T, in): each adapter's rows, padded to m
         delta = torch.bmm(torch.bmm(xg, a_g), sbt_g)  # (k, m·T, out): rank-r products only, per group
         delta = delta.view(k * m, t, -1).index_select(0, place)  # the real rows, in `rows` order
-        if result.dtype == self.dtype and not torch.is_grad_enabled():
-            result.reshape(n, t, -1).index_add_(0, rows, delta)  # a view of the fresh base output: in place
+        if result.dtype == self.dtype and result.is_contiguous() and not torch.is_grad_enabled():
+            result.view(n, t, -1).index_add_(0, rows, delta)  # a view of the fresh base output: in place
             return result
         out = result.reshape(n, t, -1).to(self.dtype, copy=True).index_add_(0, rows, delta)
         return out.view(result.shape).to(result.dtype)

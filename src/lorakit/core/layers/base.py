@@ -324,6 +324,7 @@ class LoraLayer(Routed, nn.Module):
             self.__dict__["_factor_pool"] = pool  # not a buffer: never saved, moved or counted
         elif pool.device != like.device:
             pool.a, pool.bt, pool.scale = (t.to(like.device) for t in (pool.a, pool.bt, pool.scale))
+            pool.version += 1  # operands gathered on the old device are stale
         return pool
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, routing: RowRouting) -> torch.Tensor:
