@@ -294,3 +294,29 @@ def test_no_grad_fast_path_steps_aside_for_merged_disabled_and_several_adapters(
         assert torch.equal(layer(x), layer.base(x))
     ab, bb, sb = layer.adapters["b"].lora_a, layer.adapters["b"].lora_b, layer.adapters["b"].scaling
     assert torch.equal(both, one + (x @ ab.T @ bb.T) * sb)
+
+
+def test_no_grad_paths_leave_a_hooked_base_output_untouched():
+    """A forward hook on the base (activation caching) keeps the base's own output: the fast paths add out of place."""
+    from lorakit.core.routing import RowRouting
+
+    layer = _linear_layer(in_f=8, out_f=6, rank=2, alpha=4.0)
+    layer.add_adapter("b", 2, 4.0)
+    _randomize(layer)
+    layer.eval()
+    seen = []
+    layer.base.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected_base = F.linear(x, layer.base.weight, layer.base.bias)
+        single = layer(x)
+        layer.routing = RowRouting(["a", "a", "a"])  # one adapter on every row: the pool's single-slot path
+        routed = layer(x)
+        layer.routing = RowRouting(["a", "b", None])  # grouped at this shape
+        mixed = layer(x)
+        layer.routing = None
+    assert len(seen) == 3
+    for out in seen:
+        assert torch.equal(out, expected_base)
+    assert not torch.equal(single, expected_base) and torch.allclose(routed, single, atol=1e-6)
+    assert torch.equal(mixed[2], expected_base[2])

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.modules.module as _module_hooks
 
 from lorakit.core.adapter_weights import TargetWeights, scaling
 from lorakit.core.routing import FactorPool, Routed, RowRouting
@@ -93,6 +94,15 @@ class LoraAdapter(nn.Module):
 
     def unmerge_from(self, layer: LoraLayer) -> None:
         layer.add_to_base_weight(-self.delta(layer))
+
+
+def output_may_be_kept(module: nn.Module) -> bool:
+    """Whether a forward hook could hold on to `module`'s output, so adding into it in place would show there.
+
+    The no-grad fast paths add the LoRA term into the base output in place; with a forward hook on the
+    base (activation caching, patching) they add out of place instead, as the general path does.
+    """
+    return bool(module._forward_hooks or _module_hooks._global_forward_hooks)
 
 
 def _factors(adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +313,8 @@ class LoraLayer(Routed, nn.Module):
         if self.routing is not None:
             if self.merged_adapters:
                 raise RuntimeError("a per-row adapter choice needs unmerged adapters: call unmerge_adapter() first")
+            if output_may_be_kept(self.base):  # the routed paths add into the base output in place
+                result = result.clone()
             return self.mixed_forward(x, result, self.routing)
         dtype = result.dtype
         for name in self.active_adapters:

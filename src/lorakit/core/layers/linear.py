@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lorakit.kernels as kernels
-from lorakit.core.layers.base import LoraAdapter, LoraLayer
+from lorakit.core.layers.base import LoraAdapter, LoraLayer, output_may_be_kept
 from lorakit.quant.linear4bit import KeptWeight, dense_for_step
 
 HALF = (torch.bfloat16, torch.float16)
@@ -128,8 +128,9 @@ class LoraLinear(LoraLayer):
         """base(x) + s·(x·Aᵀ)·Bᵀ without autograd: PEFT's ops and rounding order, with the adds in place.
 
         The product is scaled and added into the base output in place (both are fresh tensors
-        here), which rounds exactly as ``(result + t·s).to(result.dtype)``: a loaded PEFT
-        adapter still gives bit-identical outputs.
+        here, unless a forward hook on the base may keep its output: then out of place), which
+        rounds exactly as ``(result + t·s).to(result.dtype)``: a loaded PEFT adapter still gives
+        bit-identical outputs.
         """
         result = self.base(x, *args, **kwargs)
         lora_a = adapter.lora_a  # attributes, not _parameters: a variant may own A elsewhere (shared A)
@@ -137,6 +138,8 @@ class LoraLinear(LoraLayer):
             x = x.to(lora_a.dtype)
         t = F.linear(F.linear(x, lora_a), adapter.lora_b)
         t.mul_(adapter.scaling)
+        if output_may_be_kept(self.base):
+            return (result + t).to(result.dtype)
         return result.add_(t)
 
     def _fusable_adapter(self, x: torch.Tensor):
