@@ -16,6 +16,7 @@ of adapters already registered (read off the server's startup timing, ``GET /v1/
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                 # 1,000 adapters, 6 rounds each
     python benchmarks/bench_scale.py --src /path/to/other/src           # the same against another tree
+    python benchmarks/bench_scale.py --model smollm2-135m-instruct --targets q_proj,v_proj   # the real model
 """
 
 from __future__ import annotations
@@ -39,18 +40,29 @@ PROMPTS = ["the red cat is", "hello world", "tell me a good answer", "one two th
            "a big dog", "serve the model", "what is the question"]
 
 
-def build(folder: Path, adapters: int, rank: int = 8) -> dict:
-    """Base model + `adapters` random all-linear LoRA folders (one LoraModel, re-randomised per save)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_serve import build_demo_models
+def build(folder: Path, adapters: int, rank: int = 8, model_name: str | None = None,
+          targets: str = "all-linear") -> dict:
+    """Base model + `adapters` random LoRA folders (one LoraModel, re-randomised per save).
 
+    The base is the random Llama, or with `model_name` a real checkpoint (e.g. smollm2-135m-instruct,
+    served from its own folder).
+    """
     import lorakit
 
-    dirs = build_demo_models(folder, adapters=0, hidden=256, layers=2, vocab=4096)
+    if model_name is None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_serve import build_demo_models
+
+        base_dir = build_demo_models(folder, adapters=0, hidden=256, layers=2, vocab=4096)["base"]
+    else:
+        from lorakit.models import resolve_base
+
+        base_dir = Path(resolve_base(model_name))
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(dirs["base"])
-    model = lorakit.get_lora_model(base, lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    target = targets if targets == "all-linear" else targets.split(",")
+    model = lorakit.get_lora_model(base, lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target))
     g = torch.Generator().manual_seed(0)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for i in range(adapters):
@@ -58,7 +70,8 @@ def build(folder: Path, adapters: int, rank: int = 8) -> dict:
             for p in params:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         model.save_pretrained(folder / "adapters" / f"ad{i}")
-    return {"base": dirs["base"], "adapters": [folder / "adapters" / f"ad{i}" for i in range(adapters)]}
+    (folder / "base.txt").write_text(str(base_dir))
+    return {"base": base_dir, "adapters": [folder / "adapters" / f"ad{i}" for i in range(adapters)]}
 
 
 def start_server(dirs: dict, args, src: str | None) -> tuple[subprocess.Popen, str, float]:
@@ -148,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", help="PYTHONPATH for the server (e.g. another checkout's src) ")
     parser.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     parser.add_argument("--json", help="write the report here too")
+    parser.add_argument("--model", help="serve this checkpoint instead of the random Llama "
+                                        "(e.g. smollm2-135m-instruct)")
+    parser.add_argument("--targets", default="all-linear", help="the adapters' target modules, comma-separated")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tmp = None
@@ -157,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench-scale-")
         folder = Path(tmp.name)
     t0 = time.perf_counter()
-    if (folder / "adapters" / f"ad{args.adapters - 1}").exists() and (folder / "base").exists():
-        dirs = {"base": folder / "base", "adapters": [folder / "adapters" / f"ad{i}" for i in range(args.adapters)]}
+    if (folder / "adapters" / f"ad{args.adapters - 1}").exists() and (folder / "base.txt").exists():
+        dirs = {"base": Path((folder / "base.txt").read_text()),
+                "adapters": [folder / "adapters" / f"ad{i}" for i in range(args.adapters)]}
     else:
-        dirs = build(folder, args.adapters)
+        dirs = build(folder, args.adapters, model_name=args.model, targets=args.targets)
     print(f"built {args.adapters} adapters in {time.perf_counter() - t0:.1f} s", flush=True)
     proc, url, startup = start_server(dirs, args, args.src)
     try:

@@ -156,3 +156,37 @@ def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
     assert frozen.get_nb_trainable_parameters()[0] == 0
     trainable = lorakit.LoraModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == 2 * (4 * 128 + 4 * 96)
+
+
+def test_shared_folder_save_replaces_files_in_place_and_keeps_what_others_write_meanwhile(tmp_path, monkeypatch):
+    """A Trainer checkpoint under DDP: while rank 0 saves the adapter, the other ranks write their RNG
+    state into the same folder. The shared save never swaps the folder, so a file written mid-save stays
+    (a swapped folder would carry it into the old folder and lose it, or race its copy)."""
+    from lorakit.io import adapter_folder
+
+    lm = lorakit.get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_lora(lm)
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "rng_state_0.pth").write_bytes(b"rank 0")
+    inode = folder.stat().st_ino
+    real = adapter_folder.atomic_write_bytes
+
+    def other_rank_writes_meanwhile(path, data):
+        (folder / "rng_state_1.pth").write_bytes(b"rank 1")
+        real(path, data)
+
+    monkeypatch.setattr(adapter_folder, "atomic_write_bytes", other_rank_writes_meanwhile)
+    lm.save_pretrained(folder, shared_folder=True)
+    assert folder.stat().st_ino == inode  # the same folder, never swapped
+    assert (folder / "rng_state_0.pth").read_bytes() == b"rank 0"
+    assert (folder / "rng_state_1.pth").read_bytes() == b"rank 1"
+    saved = load_file(folder / "adapter_model.safetensors")
+    ours = {k: v for k, v in lm.model.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(ours) > 0
+    reloaded = lorakit.LoraModel.from_pretrained(tiny_llama(), folder)
+    for name, p in reloaded.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p, dict(lm.named_parameters())[name])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"]  # no temp files

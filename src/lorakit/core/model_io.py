@@ -34,12 +34,15 @@ class AdapterIOMixin:
     """
 
     def save_pretrained(self, save_directory: str | os.PathLike,
-                        selected_adapters: Iterable[str] | None = None) -> None:
+                        selected_adapters: Iterable[str] | None = None, shared_folder: bool = False) -> None:
         """One PEFT-format folder per adapter ("default" at the top, others in a subfolder).
 
         Args:
-            save_directory: the folder to write (created; each file written atomically).
+            save_directory: the folder to write (created; each folder swapped in atomically).
             selected_adapters: the adapters to save (default: all).
+            shared_folder: other processes write into `save_directory` at the same time (a Trainer
+                checkpoint under DDP): each file is then replaced atomically on its own instead of
+                the folder being swapped (see :func:`lorakit.io.adapter_folder.write_adapter_folder`).
 
         The tensors are the adapter's :class:`~lorakit.core.adapter_weights.AdapterWeights`
         (``state_dict.export_adapter_weights``) under PEFT's key names.
@@ -58,7 +61,8 @@ class AdapterIOMixin:
             data["inference_mode"] = True
             if data.get("base_model_name_or_path") is None:
                 data["base_model_name_or_path"] = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-            write_adapter_folder(folder, data, get_adapter_state_dict(self.model, name, config.bias))
+            write_adapter_folder(folder, data, get_adapter_state_dict(self.model, name, config.bias),
+                                 shared=shared_folder)
 
     @classmethod
     def from_pretrained(cls: type[_Model], model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",

@@ -121,7 +121,9 @@ class LoraCheckpointsMixin:
             return
         os.makedirs(output_dir, exist_ok=True)
         logger.info("saving the adapter(s) as PEFT folders to %s", output_dir)
-        lora.save_pretrained(output_dir)  # from the live tensors: state_dict (full, lorakit keys) is not needed
+        # from the live tensors (state_dict, full and under lorakit's keys, is not needed); file by file, not by
+        # swapping the folder: under DDP the other ranks write their RNG state into it at the same time
+        lora.save_pretrained(output_dir, shared_folder=True)
         tokenizer = self.processing_class
         if tokenizer is None:
             tokenizer = getattr(self.data_collator, "tokenizer", None)

@@ -20,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from lorakit.errors import AdapterLoadError
-from lorakit.io.atomic import write_folder_atomically
+from lorakit.io.atomic import atomic_write_bytes, write_folder_atomically
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -28,8 +28,15 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
 def write_adapter_folder(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                         metadata: dict[str, str] | None = None) -> Path:
-    """Write (or replace) a PEFT-format adapter folder atomically; other files already in it are kept."""
+                         metadata: dict[str, str] | None = None, shared: bool = False) -> Path:
+    """Write (or replace) a PEFT-format adapter folder atomically; other files already in it are kept.
+
+    shared: other processes write their own files into `folder` at the same time (a
+    transformers.Trainer checkpoint under DDP, where every rank saves its RNG state beside the
+    adapter). The folder is then never swapped, which could carry a file another process is
+    writing into the folder being replaced, or lose it; each of the two files is replaced
+    atomically on its own (weights first, the config last).
+    """
     folder = Path(folder)
     # safetensors refuses shared or non-contiguous storage: give each tensor its own
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -40,6 +47,11 @@ def write_adapter_folder(folder: str | os.PathLike, config: dict[str, Any], tens
         (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(text)
 
+    if shared:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+        atomic_write_bytes(folder / CONFIG_NAME, text.encode())
+        return folder
     # the whole folder is swapped in at once (other adapters' subfolders, a README... carried over)
     write_folder_atomically(folder, fill, keep_existing=True)
     return folder
