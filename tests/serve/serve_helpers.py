@@ -106,6 +106,20 @@ def shared_model_dirs() -> dict[str, Path]:
     return _SHARED
 
 
+def shared_model_dirs_one_thread():
+    """A module fixture's body: the shared model folders with one torch thread until the module ends.
+
+    Tiny matmuls gain nothing from more intra-op threads, and on a small shared machine OpenMP
+    threads fighting other processes make them ~50x slower (the server's --threads does the same).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield shared_model_dirs()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     import socket
 

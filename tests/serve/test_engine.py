@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from serve_helpers import make_tokenizer, shared_model_dirs, submit_all
+from serve_helpers import make_tokenizer, shared_model_dirs_one_thread, submit_all
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import lorakit
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 @pytest.fixture(scope="module")
 def dirs():
-    # one intra-op thread: on a small shared machine, OpenMP threads fighting other processes make
-    # tiny matmuls ~50x slower (the server's --threads flag does the same)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_model_dirs()
-    torch.set_num_threads(threads)
+    yield from shared_model_dirs_one_thread()
 
 
 def make_engine(dirs, max_loaded: int = 8, max_batch: int = 8) -> Engine:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import shared_model_dirs
+from serve_helpers import shared_model_dirs_one_thread
 from tolerance import assert_close_fp32
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,10 +23,7 @@ IDS = torch.tensor([[5, 9, 12, 40, 41, 7, 3, 60], [2, 8, 8, 70, 71, 72, 1, 0]])
 
 @pytest.fixture(scope="module")
 def dirs() -> dict[str, Path]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra OpenMP threads only contend on a shared machine
-    yield shared_model_dirs()
-    torch.set_num_threads(threads)
+    yield from shared_model_dirs_one_thread()
 
 
 def _logits(model) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import make_tokenizer, shared_model_dirs, submit_all
+from serve_helpers import make_tokenizer, shared_model_dirs_one_thread, submit_all
 from tolerance import EPS32, fp32_atol
 
 from lorakit.core.model import LoraModel
@@ -23,10 +23,7 @@ ROUNDING = dict(reduction=128, depth=9)
 
 @pytest.fixture(scope="module")
 def dirs():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield shared_model_dirs()
-    torch.set_num_threads(threads)
+    yield from shared_model_dirs_one_thread()
 
 
 @pytest.fixture(scope="module")
