@@ -222,3 +222,40 @@ def test_half_precision_base_mixed_rows_sum_in_fp32_and_round_once(padding, monk
         # one rounding to bf16 (half an ulp) plus fp32 sums far below it: within one bf16 ulp of the exact sum
         ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
         assert ((mixed[row].double() - exact).abs() <= ulp).all()
+
+
+def test_grouped_padding_adds_nothing_even_when_the_padding_row_is_not_finite(monkeypatch):
+    """Uneven groups are padded with reads of the group's first row, whose padded rank-r products are
+    zeroed before the expansion is added back into the rows they name: every other row gets exactly
+    its own delta, with an inf in the row the padding reads."""
+    import torch.nn as nn
+
+    from lorakit.core.layers import LoraLinear
+
+    monkeypatch.setattr(routing, "GROUPED_PADDING", float("inf"))
+    monkeypatch.setattr(routing, "GROUPED_COPY", float("inf"))
+    grouped_calls = []
+    original = routing.FactorPool._grouped_forward
+    monkeypatch.setattr(routing.FactorPool, "_grouped_forward",
+                        lambda self, *a: grouped_calls.append(a[-1] is not None) or original(self, *a))
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12))
+    for name in ("a", "b"):
+        layer.add_adapter(name, 4, 8.0, init=False)
+    layer.eval()
+    x = torch.randn(5, 1, 16)
+    names = ["a", "a", "a", "b", "a"]  # a: 4 rows; b: row 3 alone, padded to 4 with three reads of row 3
+    x[3, 0, 3] = float("inf")
+    with torch.no_grad():
+        layer.routing = routing.RowRouting(names)
+        mixed = layer(x)
+        layer.routing = None
+    assert grouped_calls == [True]  # the grouped path ran, with padding
+    for row, name in enumerate(names):
+        ad = layer.adapters[name]
+        expected = layer.base(x[row]) + (x[row] @ ad.lora_a.T @ ad.lora_b.T) * ad.scaling
+        if row == 3:
+            assert not torch.isfinite(mixed[row]).all()
+        else:
+            assert torch.isfinite(mixed[row]).all()
+            assert_close_fp32(mixed[row], expected, reduction=16, depth=2)

@@ -377,32 +377,41 @@ class FactorPool:
         return operands
 
     def _grouped_forward(self, x3: torch.Tensor, result: torch.Tensor, k: int, m: int, take: torch.Tensor,
-                         a_g: torch.Tensor, sbt_g: torch.Tensor, place: torch.Tensor,
-                         rows: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by adapter, one batched GEMM pair over the k groups (Punica's SGMV on plain PyTorch)."""
+                         a_g: torch.Tensor, sbt_g: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """Rows grouped by adapter, one batched GEMM pair over the k groups (Punica's SGMV on plain PyTorch).
+
+        Each group's padding positions read some row and get a rank-r product of exactly zero, so the
+        expansion of every padded position is added straight into the output rows `take` names: the
+        real rows get their delta, a padded position adds 0 (one ``index_add_``, no second gather).
+        """
         n, t = x3.shape[0], x3.shape[1]
         xg = x3.index_select(0, take).view(k, m * t, -1)  # (k, m·T, in): each adapter's rows, padded to m
-        delta = torch.bmm(torch.bmm(xg, a_g), sbt_g)  # (k, m·T, out): rank-r products only, per group
-        delta = delta.view(k * m, t, -1).index_select(0, place)  # the real rows, in `rows` order
+        u = torch.bmm(xg, a_g)  # (k, m·T, r)
+        if padding is not None:  # masked_fill, not a product with 0/1: a padded row's inf/nan must not leak
+            u.view(k, m, t, -1).masked_fill_(padding, 0)
+        delta = torch.bmm(u, sbt_g).view(k * m, t, -1)  # (k·m, T, out): s·(x·Aᵀ)·Bᵀ per group
         if result.dtype == self.dtype and result.is_contiguous() and not torch.is_grad_enabled():
-            result.view(n, t, -1).index_add_(0, rows, delta)  # a view of the fresh base output: in place
+            result.view(n, t, -1).index_add_(0, take, delta)  # a view of the fresh base output: in place
             return result
-        out = result.reshape(n, t, -1).to(self.dtype, copy=True).index_add_(0, rows, delta)
+        out = result.reshape(n, t, -1).to(self.dtype, copy=True).index_add_(0, take, delta)
         return out.view(result.shape).to(result.dtype)
 
     def _grouped(self, row_slot: torch.Tensor, slots: torch.Tensor, m: int):
-        """take (k·m,) row per padded group position, Aᵀ (k, in, r), s·Bᵀ (k, r, out), place/rows (N_routed,)."""
+        """take (k·m,) row of each padded group position, Aᵀ (k, in, r), s·Bᵀ (k, r, out), padding (k, m, 1, 1) or None.
+
+        A padded position takes its group's first row (its product is zeroed before it is added back).
+        """
         k = slots.numel()
-        take = torch.zeros(k, m, dtype=torch.long, device=row_slot.device)  # padding reads row 0; never placed
-        place, rows = [], []
+        take = torch.zeros(k, m, dtype=torch.long, device=row_slot.device)
+        padding = torch.zeros(k, m, 1, 1, dtype=torch.bool, device=row_slot.device)
         for j in range(k):
             members = (row_slot == slots[j]).nonzero().squeeze(1)
             take[j, :members.numel()] = members
-            place.append(torch.arange(members.numel(), device=row_slot.device) + j * m)
-            rows.append(members)
+            take[j, members.numel():] = members[0]
+            padding[j, members.numel():] = True
         a_g = self.a.index_select(0, slots).transpose(1, 2).contiguous()
         sbt_g = self.bt.index_select(0, slots) * self.scale.index_select(0, slots).view(-1, 1, 1)
-        return take.view(-1), a_g, sbt_g, torch.cat(place), torch.cat(rows)
+        return take.view(-1), a_g, sbt_g, padding if bool(padding.any()) else None
 
     def _rows(self, row_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's own factors: Aᵀ (N, in, r), scale (N, 1, 1), Bᵀ (N, r, out)."""
