@@ -78,3 +78,16 @@ def test_bench_model_runs_decode_and_serve_on_a_checkpoint_folder(tmp_path, monk
 def test_bench_rejects_sections_that_do_not_fit_the_model_choice():
     with pytest.raises(SystemExit, match="needs --model"):
         main(["bench", "--only", "decode", "--threads", "1"])
+
+
+def test_mixed_section_reports_both_targets_per_shape_and_the_bytes_reference_at_one_token():
+    """`lorakit bench --only mixed`: per shape, mixed vs single (<= 1.05) and vs PEFT's mixed batch (<= 1.0)
+    from CPU times of one interleaved run; the rank-64 bytes reference only where rows are one token."""
+    rows = suite.mixed_batches(1, shapes=((2, 3), (4, 1)))
+    figures = {row.figure: row for row in rows}
+    for shape in ("2 x 3", "4 x 1"):
+        assert figures[f"mixed batch {shape}, 4 adapters vs 1 adapter"].target == "<= 1.05"
+        assert figures[f"mixed batch {shape} vs PEFT's mixed batch"].target == "<= 1.0"
+    assert [f for f in figures if "r=64" in f] == ["(mixed batch 4 x 1: 1 adapter r=64 vs r=16: 4 adapters' "
+                                                   "factor bytes, no routing)"]
+    assert all(row.ours > 0 and row.reference > 0 and row.wall_ratio > 0 for row in rows)

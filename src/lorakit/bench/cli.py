@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP + "; use 1 for ratios on a shared machine")
     p.add_argument("--only", nargs="*", default=None,
-                   choices=["train", "wide", "memory", "inference", "loading", "nf4", "qlora", "decode", "serve"],
+                   choices=["train", "wide", "memory", "inference", "mixed", "loading", "nf4", "qlora", "decode", "serve"],
                    help="run only these sections (with --model: train, memory, qlora, decode, serve)")
     p.add_argument("--model", metavar="BASE",
                    help="benchmark this real causal LM instead of the random Llamas: a preset "
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 5
-    sections = args.only or ["train", "wide", "memory", "inference", "loading", "nf4", "qlora"]
+    sections = args.only or ["train", "wide", "memory", "inference", "mixed", "loading", "nf4", "qlora"]
     if args.quick and args.only is None:
         sections = [s for s in sections if s not in ("wide", "memory")]
     plan = {
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         "wide": lambda: suite.train_steps("llama-2048x2", max(2, repeats - 2)),
         "memory": lambda: suite.peak_memory("llama-512x8", args.threads),
         "inference": lambda: suite.inference(repeats * 2),
+        "mixed": lambda: suite.mixed_batches(repeats * 2 if args.quick else repeats * 3),
         "loading": lambda: suite.adapter_loading(50),
         "nf4": lambda: suite.nf4(repeats * 2),
         "qlora": lambda: suite.qlora_step(repeats),

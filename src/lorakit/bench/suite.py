@@ -78,40 +78,85 @@ def peak_memory(model_name: str, threads: int, seq: int = 256) -> list[Row]:
 
 
 def inference(repeats: int, batch_size: int = 8, seq: int = 128) -> list[Row]:
-    """Unmerged and merged inference vs the base; mixed-adapter batch vs single-adapter batch."""
+    """Unmerged and merged inference vs the base (mixed-adapter batches: :func:`mixed_batches`)."""
     base = core.llama(hidden=512, layers=4, inter=1536)
     ids = core.batch(8000, batch_size, seq)
-    unmerged = core.lorakit_model(copy.deepcopy(base), "all-linear", adapters=4)
-    merged = core.lorakit_model(copy.deepcopy(base), "all-linear")
-    merged = merged.merge_and_unload()
-    names = [f"a{i % 4}" for i in range(batch_size)]
+    unmerged = core.lorakit_model(copy.deepcopy(base), "all-linear")
+    merged = core.lorakit_model(copy.deepcopy(base), "all-linear").merge_and_unload()
     t = core.interleaved({
         "base": core.forward_step(base, ids),
         "merged": core.forward_step(merged, ids),
         "unmerged": core.forward_step(unmerged, ids),
-        "mixed": core.forward_step(unmerged, ids, adapter_names=names),
     }, repeats)
-    peft_rows = _peft_mixed(base, ids, names, repeats)
     return [
-        Row("merged inference vs base", t["merged"].min, t["base"].min, "base", "<= 1.01"),
-        Row("unmerged all-linear inference vs base", t["unmerged"].min, t["base"].min, "base", "<= 1.05"),
-        Row("mixed 4-adapter batch vs single-adapter batch (throughput)", t["unmerged"].min, t["mixed"].min,
-            "1 adapter", ">= 0.90"),
-    ] + peft_rows
+        _cpu_row("merged inference vs base", t, "merged", "base", "base", "<= 1.01"),
+        _cpu_row("unmerged all-linear inference vs base", t, "unmerged", "base", "base", "<= 1.05"),
+    ]
 
 
-def _peft_mixed(base, ids, names, repeats) -> list[Row]:
+def mixed_batches(repeats: int, shapes: tuple[tuple[int, int], ...] = ((8, 128), (16, 1))) -> list[Row]:
+    """Rows over 4 adapters in one batch vs every row on one adapter, lorakit and PEFT (issue 16 item 2).
+
+    4-layer Llama (hidden 512, intermediate 1536, vocab 8000), 4 random adapters r=16 (B != 0) on every
+    linear layer, inference. Per shape (batch x tokens: a prefill-like 8 x 128 and a decode step's 16 x 1)
+    every configuration is interleaved in one process. Besides the targets, references: at one token per
+    row, one rank-64 adapter reads as many factor bytes per layer as four rank-16 ones, so "single r=64 vs
+    single r=16" is what reading the mixed batch's factors costs with no routing at all; the mixed batch
+    forced through the concatenate-and-mask path (the autograd-capable one); PEFT's own mixed/single.
+    """
     import peft
 
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-                             adapter_name="a0")
+    from lorakit.core.layers.base import LoraLayer
+
+    base = core.llama(hidden=512, layers=4, inter=1536).eval()
+    ours = core.lorakit_model(copy.deepcopy(base), "all-linear", adapters=4).eval()
+    wide = core.lorakit_model(copy.deepcopy(base), "all-linear", r=64).eval()
+    cfg = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg), adapter_name="a0")
     for i in range(1, 4):
-        pm.add_adapter(f"a{i}", peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        pm.add_adapter(f"a{i}", peft.LoraConfig(**cfg))
+    core._randomize(pm)
     pm.eval()
-    t = core.interleaved({"single": core.forward_step(pm, ids), "mixed": core.forward_step(pm, ids, adapter_names=names)},
-                         repeats)
-    return [Row("PEFT mixed 4-adapter batch vs its single-adapter batch (throughput, reference)", t["single"].min,
-                t["mixed"].min, "PEFT 1 adapter", "")]
+
+    def concat_path(ids, names):  # the mask path, forced
+        def step():
+            original = LoraLayer._can_gather
+            LoraLayer._can_gather = lambda *a, **k: False
+            try:
+                with torch.no_grad():
+                    ours(input_ids=ids, adapter_names=names)
+            finally:
+                LoraLayer._can_gather = original
+        return step
+
+    rows = []
+    for size, seq in shapes:
+        ids = core.batch(8000, size, seq)
+        mixed = [f"a{i % 4}" for i in range(size)]
+        fns = {
+            "single": core.forward_step(ours, ids),
+            "mixed": core.forward_step(ours, ids, adapter_names=mixed),
+            "concat": concat_path(ids, mixed),
+            "peft single": core.forward_step(pm, ids),
+            "peft mixed": core.forward_step(pm, ids, adapter_names=mixed),
+        }
+        if seq == 1:  # at one token the factors' bytes, not the rank FLOPs (4x at r=64), set the LoRA cost
+            fns["single r64"] = core.forward_step(wide, ids)
+        t = core.interleaved(fns, repeats, warmup=2)
+        shape = f"{size} x {seq}"
+        rows += [
+            _cpu_row(f"mixed batch {shape}, 4 adapters vs 1 adapter", t, "mixed", "single", "1 adapter", "<= 1.05"),
+            _cpu_row(f"mixed batch {shape} vs PEFT's mixed batch", t, "mixed", "peft mixed", "PEFT mixed", "<= 1.0"),
+        ]
+        if seq == 1:
+            rows.append(_cpu_row(f"(mixed batch {shape}: 1 adapter r=64 vs r=16: 4 adapters' factor bytes, no routing)",
+                                 t, "single r64", "single", "1 adapter", ""))
+        rows += [
+            _cpu_row(f"(mixed batch {shape}: concat+mask path vs 1 adapter)", t, "concat", "single", "1 adapter", ""),
+            _cpu_row(f"(mixed batch {shape}: PEFT 4 adapters vs PEFT 1 adapter)", t, "peft mixed", "peft single",
+                     "PEFT 1 adapter", ""),
+        ]
+    return rows
 
 
 def adapter_loading(count: int = 50) -> list[Row]:

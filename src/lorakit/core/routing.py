@@ -30,7 +30,7 @@ import torch
 from lorakit.errors import AdapterError
 
 # What gathering one factor element costs, in units of one multiply-add of the LoRA product (CPU,
-# fp32; read off benchmarks/bench_mixed.py: copying a factor is several times dearer per element
+# fp32; read off `lorakit bench --only mixed`: copying a factor is several times dearer per element
 # than a multiply-add inside a GEMM). Per-row gathering costs ~N·(GATHER_COST + T) per layer, the
 # distinct-adapter blocks ~k·(GATHER_COST + N·T): for decode steps (T = 1) over few adapters the
 # blocks win, for prefills and for batches over many adapters the rows do.
