@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -144,7 +145,7 @@ def _randomize(model) -> None:
 
 # ---------------------------------------------------------------------------- peak memory
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path[:0] = {paths!r}
 from lorakit.bench import core
 torch.manual_seed(0)
@@ -159,12 +160,27 @@ elif kind == "lorakit":
 else:
     step = core.train_step(core.peft_model(base, core.TARGETS[{target!r}]), ids)
 import gc; gc.collect()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = core.vm_kb("VmRSS")
 for _ in range(2):
     step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_mb": peak / 1024, "before_mb": before / 1024}}))
+# VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork + exec, so under a `lorakit bench`
+# that had already run a bigger model every process here reported the parent's peak
+print(json.dumps({{"peak_mb": core.vm_kb("VmHWM") / 1024, "before_mb": before / 1024}}))
 """
+
+
+def vm_kb(field: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM) in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak() -> None:
+    """Restart VmHWM from the current RSS: loading a checkpoint peaks far above training (copies while
+    reading), which would hide the training step's own peak."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_mb(kind: str, model: str, target: str, batch_size: int, seq: int, threads: int) -> dict:

@@ -100,26 +100,12 @@ elif kind == "lorakit":
 else:
     step = core.train_step(core.peft_model(base, "all-linear"), ids)
 import gc; gc.collect()
-before = real.vm_kb("VmRSS")
-real.reset_peak()
+before = core.vm_kb("VmRSS")
+core.reset_peak()
 for _ in range(2):
     step()
-print(json.dumps({{"peak_mb": real.vm_kb("VmHWM") / 1024, "before_mb": before / 1024}}))
+print(json.dumps({{"peak_mb": core.vm_kb("VmHWM") / 1024, "before_mb": before / 1024}}))
 """
-
-
-def vm_kb(field: str) -> int:
-    """A /proc/self/status memory figure (VmRSS, VmHWM) in kB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def reset_peak() -> None:
-    """Restart VmHWM from the current RSS: loading a checkpoint peaks far above training (copies while
-    reading), which would hide the training step's own peak."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory(path: Path, threads: int) -> list[Row]:
